@@ -1,0 +1,53 @@
+# Two commands on a fresh machine: `make run` (service on SQLite) and `make test` (whole suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/apikeys/v1/*.proto)
+
+.PHONY: run test unit lint typecheck proto check-proto admin-key bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/apikeys-server serve
+
+admin-key: $(STAMP)
+	@$(BIN)/apikeys-server admin-key
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+proto: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=client --grpc_python_out=client \
+		--mypy_out=client --mypy_grpc_out=client \
+		$(PROTOS)
+
+# Regenerates and fails if the committed generated code differs.
+check-proto: proto
+	git diff --exit-code -- client/apikeys/v1
+	@test -z "$$(git status --porcelain -- client/apikeys/v1)" || (echo "untracked generated files" && exit 1)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke
+
+clean:
+	rm -rf $(VENV) apikeys.db .pytest_cache .mypy_cache .ruff_cache
