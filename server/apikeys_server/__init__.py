@@ -1,0 +1,1 @@
+"""apikeys server: creates, rotates, revokes and verifies tenant-scoped API keys over gRPC."""

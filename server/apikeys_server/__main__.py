@@ -1,0 +1,3 @@
+from apikeys_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Wiring: build the layers from Settings and start a gRPC server on them."""
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from apikeys.v1 import (
+    key_manager_pb2,
+    key_manager_pb2_grpc,
+    key_verifier_pb2,
+    key_verifier_pb2_grpc,
+)
+from apikeys_server.config import Settings
+from apikeys_server.domain.clock import Clock, SystemClock
+from apikeys_server.domain.key_format import KeyFormat
+from apikeys_server.domain.manager import KeyManager
+from apikeys_server.domain.scopes import load_catalog
+from apikeys_server.domain.verifier import Verifier
+from apikeys_server.rpc.key_manager import KeyManagerServicer
+from apikeys_server.rpc.key_verifier import KeyVerifierServicer
+from apikeys_server.storage import migrate
+from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
+from apikeys_server.storage.database import Database, open_database
+from apikeys_server.storage.last_used import LastUsedRecorder
+from apikeys_server.storage.repository import SqlKeyStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    key_manager_pb2.DESCRIPTOR.services_by_name["KeyManager"].full_name,
+    key_verifier_pb2.DESCRIPTOR.services_by_name["KeyVerifier"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class Services:
+    """The domain services over one database, with the cache and last-used recorder they share."""
+
+    settings: Settings
+    database: Database
+    store: SqlKeyStore
+    cache: KeyCache
+    last_used: LastUsedRecorder
+    verifier: Verifier
+    manager: KeyManager
+
+    def close(self) -> None:
+        self.last_used.stop()
+        self.database.dispose()
+
+
+def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+    clock = clock or SystemClock()
+    database = open_database(settings.database_url, pool_size=settings.workers)
+    if settings.migrate_on_start:
+        migrate.upgrade(database)
+    store = SqlKeyStore(database)
+    cache = KeyCache(
+        settings.cache_size,
+        settings.cache_ttl_seconds,
+        settings.negative_cache_size,
+        settings.negative_cache_ttl_seconds,
+    )
+    key_format = KeyFormat(settings.key_prefix)
+    catalog = load_catalog(settings.scopes_file)
+    last_used = LastUsedRecorder(store, settings.last_used_flush_seconds)
+    verifier = Verifier(key_format, CachedKeyLookup(store, cache), catalog, clock, last_used)
+    manager = KeyManager(store, catalog, key_format, clock, cache, settings.max_rotation_overlap)
+    return Services(settings, database, store, cache, last_used, verifier, manager)
+
+
+class App:
+    """A bound, not yet started, server. ``port`` is the real port (useful with ``:0``)."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.services = build_services(settings, self.clock)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        key_manager_pb2_grpc.add_KeyManagerServicer_to_server(
+            KeyManagerServicer(self.services.manager, self.services.verifier, self.clock),
+            self.server,
+        )
+        key_verifier_pb2_grpc.add_KeyVerifierServicer_to_server(
+            KeyVerifierServicer(self.services.verifier), self.server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        try:
+            self.port = self.server.add_insecure_port(settings.listen)
+        except RuntimeError as error:
+            self.services.close()
+            raise OSError(f"cannot listen on {settings.listen}: {error}") from error
+
+    def start(self) -> None:
+        self.services.last_used.start()
+        self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("apikeys server listening on %s (port %d)", self.settings.listen, self.port)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets in-flight ones finish, flushes last-used times."""
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self.server.stop(grace).wait()
+        self.services.close()
+        log.info("apikeys server stopped")
+
+
+def create_server(settings: Settings, clock: Clock | None = None) -> App:
+    return App(settings, clock)

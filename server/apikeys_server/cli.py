@@ -1,0 +1,122 @@
+"""The ``apikeys-server`` command: serve, migrate, admin-key."""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from apikeys_server.app import build_services, create_server
+from apikeys_server.config import Settings
+from apikeys_server.domain import scopes
+from apikeys_server.domain.errors import DomainError
+from apikeys_server.domain.validation import PLATFORM_TENANT
+from apikeys_server.storage import migrate
+from apikeys_server.storage.database import open_database
+
+ADMIN_SCOPES = (scopes.MANAGE, scopes.READ, scopes.VERIFY)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apikeys-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_database(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--database-url", help="default: $APIKEYS_DATABASE_URL or sqlite:///apikeys.db"
+        )
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    with_database(serve)
+    serve.add_argument("--listen", help="HOST:PORT, default: $APIKEYS_LISTEN or 127.0.0.1:50051")
+    serve.add_argument("--key-prefix", help="default: $APIKEYS_KEY_PREFIX or 'ak'")
+    serve.add_argument("--scopes", type=Path, help="scope catalog TOML file")
+    serve.add_argument("--workers", type=int, help="RPC threads (default 16)")
+
+    migrate_cmd = commands.add_parser("migrate", help="bring the database schema up to date")
+    with_database(migrate_cmd)
+
+    admin = commands.add_parser(
+        "admin-key", help="create a management key in the database; prints only the secret"
+    )
+    with_database(admin)
+    admin.add_argument("--tenant", default=PLATFORM_TENANT, help="default: the platform tenant")
+    admin.add_argument("--name", default="admin", help="default: admin")
+    admin.add_argument("--key-prefix", help="default: $APIKEYS_KEY_PREFIX or 'ak'")
+    admin.add_argument(
+        "--scope",
+        action="append",
+        dest="scopes",
+        help=f"repeatable; default: {' '.join(ADMIN_SCOPES)}",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            os.environ,
+            database_url=args.database_url,
+            listen=getattr(args, "listen", None),
+            key_prefix=getattr(args, "key_prefix", None),
+            scopes_file=getattr(args, "scopes", None),
+            workers=getattr(args, "workers", None),
+        )
+    except ValueError as error:
+        print(f"apikeys-server: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "migrate":
+            return _migrate(settings)
+        return _admin_key(settings, args.tenant, args.name, args.scopes or list(ADMIN_SCOPES))
+    except (DomainError, ValueError, OSError) as error:
+        print(f"apikeys-server: {error}", file=sys.stderr)
+        return 1
+
+
+def _serve(settings: Settings) -> int:
+    app = create_server(settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("received signal %d; draining", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    stopping.wait()
+    app.stop()
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    database = open_database(settings.database_url)
+    try:
+        migrate.upgrade(database)
+    finally:
+        database.dispose()
+    print("schema is up to date", file=sys.stderr)
+    return 0
+
+
+def _admin_key(settings: Settings, tenant: str, name: str, granted: list[str]) -> int:
+    services = build_services(settings)
+    try:
+        issued = services.manager.create_unchecked(tenant, name, granted, expire_time=None)
+    finally:
+        services.close()
+    print(f"created {issued.key.id} in tenant {tenant}", file=sys.stderr)
+    print(issued.secret)
+    return 0

@@ -1,0 +1,61 @@
+"""Settings, read once at start-up from the environment and command-line flags.
+
+Nothing else in the server reads ``os.environ``.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "APIKEYS_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///apikeys.db"
+    listen: str = "127.0.0.1:50051"
+    # Per deployment, so keys of different environments never verify on each other.
+    key_prefix: str = "ak"
+    scopes_file: Path | None = None
+    workers: int = 16
+    # Positive entries live at most cache_ttl_seconds: a revocation made on another replica
+    # is seen here within that time. Changes made here are evicted at once.
+    cache_size: int = 100_000
+    cache_ttl_seconds: float = 1.0
+    negative_cache_size: int = 100_000
+    negative_cache_ttl_seconds: float = 30.0
+    last_used_flush_seconds: float = 5.0
+    max_rotation_overlap: timedelta = field(default=timedelta(days=30))
+    shutdown_grace_seconds: float = 10.0
+    migrate_on_start: bool = True
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
+        """Defaults, then APIKEYS_* variables, then explicit overrides (flags); None is skipped."""
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            raw = environ.get(ENV_PREFIX + item.name.upper())
+            if raw is not None and raw != "":
+                values[item.name] = _parse(item.name, item.type, raw)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return replace(cls(), **values)
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (bool, "bool"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind in (timedelta, "timedelta"):
+            return timedelta(seconds=float(raw))
+        if name == "scopes_file":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid value") from None

@@ -1,0 +1,1 @@
+"""Domain layer: keys, scopes, verification and management rules. No gRPC, no SQLAlchemy."""

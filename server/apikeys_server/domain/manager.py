@@ -1,0 +1,362 @@
+"""Key management: create, read, list, update, rotate, revoke, and the audit trail.
+
+Each write runs in one transaction with its audit event, then evicts the key from every cache
+before returning, so the next Verify served here sees the change.
+"""
+
+import base64
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Generic, TypeVar
+
+from apikeys_server.domain import pagination
+from apikeys_server.domain import scopes as reserved
+from apikeys_server.domain.access import Caller
+from apikeys_server.domain.clock import Clock
+from apikeys_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from apikeys_server.domain.key_format import KeyFormat, digest
+from apikeys_server.domain.ports import CacheInvalidation, KeyQuery, KeyStore, KeyWriter
+from apikeys_server.domain.records import (
+    EventAction,
+    FieldChange,
+    KeyEvent,
+    KeyRecord,
+    KeyState,
+)
+from apikeys_server.domain.scopes import Scope, ScopeCatalog
+from apikeys_server.domain.validation import (
+    NAME_PATTERN,
+    shown,
+    validate_key_id,
+    validate_name,
+    validate_reason,
+    validate_tenant,
+)
+
+UPDATABLE_FIELDS = ("name", "scopes")
+T = TypeVar("T")
+
+
+def new_id(kind: str) -> str:
+    return kind + "_" + base64.b32encode(secrets.token_bytes(15)).decode().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A key with its plaintext secret: only ever returned by create and rotate."""
+
+    key: KeyRecord
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    issued: IssuedKey
+    previous: KeyRecord
+
+
+def _show_time(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else ""
+
+
+def _show_scopes(value: Iterable[str]) -> str:
+    return " ".join(sorted(value))
+
+
+class KeyManager:
+    def __init__(
+        self,
+        store: KeyStore,
+        catalog: ScopeCatalog,
+        key_format: KeyFormat,
+        clock: Clock,
+        invalidation: CacheInvalidation,
+        max_overlap: timedelta,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._format = key_format
+        self._clock = clock
+        self._invalidation = invalidation
+        self._max_overlap = max_overlap
+
+    # -- create ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        caller: Caller,
+        tenant_id: str,
+        name: str,
+        scopes: Iterable[str],
+        expire_time: datetime | None,
+    ) -> IssuedKey:
+        caller.require(reserved.MANAGE)
+        tenant = caller.resolve_tenant(tenant_id)
+        return self.create_unchecked(tenant, name, scopes, expire_time, actor_key_id=caller.key_id)
+
+    def create_unchecked(
+        self,
+        tenant_id: str,
+        name: str,
+        scopes: Iterable[str],
+        expire_time: datetime | None,
+        actor_key_id: str = "",
+    ) -> IssuedKey:
+        """Create without a caller: for the operator's `admin-key` command only."""
+        tenant = validate_tenant(tenant_id)
+        validate_name(name)
+        granted = self._catalog.validate_grant(scopes)
+        now = self._clock.now()
+        if expire_time is not None and expire_time <= now:
+            raise InvalidArgument("expire_time must be in the future")
+        issued = self._issue(tenant, name, granted, expire_time, now)
+        event = self._event(
+            issued.key, EventAction.CREATED, actor_key_id, now, self._created(issued.key)
+        )
+        with self._store.transaction() as tx:
+            tx.insert_key(issued.key)
+            tx.insert_event(event)
+        self._invalidation.evict(issued.key.digest)
+        return issued
+
+    # -- read --------------------------------------------------------------------------------
+
+    def get(self, caller: Caller, tenant_id: str, key_id: str) -> KeyRecord:
+        caller.require(reserved.READ)
+        tenant = caller.resolve_tenant(tenant_id)
+        validate_key_id(key_id)
+        key = self._store.get_key(tenant, key_id)
+        if key is None:
+            raise NotFound(f"key {key_id} not found in tenant {shown(tenant)}")
+        return key
+
+    def list_keys(
+        self,
+        caller: Caller,
+        tenant_id: str,
+        page_size: int,
+        page_token: str,
+        include_revoked: bool,
+        name_prefix: str,
+    ) -> Page[KeyRecord]:
+        caller.require(reserved.READ)
+        tenant = caller.resolve_tenant(tenant_id)
+        if name_prefix and not NAME_PATTERN.fullmatch(name_prefix):
+            raise InvalidArgument(f"name_prefix {shown(name_prefix)} cannot match any key name")
+        limit = pagination.page_size(page_size)
+        query = KeyQuery(tenant, include_revoked, name_prefix)
+        fingerprint = f"keys|{tenant}|{int(include_revoked)}|{name_prefix}"
+        after = pagination.decode(page_token, fingerprint)
+        keys = self._store.list_keys(query, after, limit + 1)
+        return self._page(
+            keys, limit, fingerprint, lambda k: pagination.Cursor(k.create_time, k.id)
+        )
+
+    def list_events(
+        self, caller: Caller, tenant_id: str, key_id: str, page_size: int, page_token: str
+    ) -> Page[KeyEvent]:
+        caller.require(reserved.READ)
+        tenant = caller.resolve_tenant(tenant_id)
+        if key_id:
+            validate_key_id(key_id)
+        limit = pagination.page_size(page_size)
+        fingerprint = f"events|{tenant}|{key_id}"
+        after = pagination.decode(page_token, fingerprint)
+        events = self._store.list_events(tenant, key_id or None, after, limit + 1)
+        return self._page(events, limit, fingerprint, lambda e: pagination.Cursor(e.time, e.id))
+
+    def list_scopes(self, caller: Caller) -> list[Scope]:
+        caller.require(reserved.READ)
+        return self._catalog.list()
+
+    # -- change ------------------------------------------------------------------------------
+
+    def update(
+        self,
+        caller: Caller,
+        tenant_id: str,
+        key_id: str,
+        name: str,
+        scopes: Sequence[str],
+        paths: Sequence[str],
+    ) -> KeyRecord:
+        caller.require(reserved.MANAGE)
+        tenant = caller.resolve_tenant(tenant_id)
+        validate_key_id(key_id)
+        if not paths:
+            raise InvalidArgument("update_mask is required; its paths may be: name, scopes")
+        for path in paths:
+            if path not in UPDATABLE_FIELDS:
+                raise InvalidArgument(
+                    f"update_mask path {shown(path)} cannot be updated; use: name, scopes"
+                )
+        new_name = validate_name(name) if "name" in paths else None
+        new_scopes = self._catalog.validate_grant(scopes) if "scopes" in paths else None
+        now = self._clock.now()
+        with self._store.transaction() as tx:
+            key = self._active_for_change(tx, tenant, key_id, "update", now, allow_expired=True)
+            updated = replace(
+                key,
+                name=new_name if new_name is not None else key.name,
+                scopes=new_scopes if new_scopes is not None else key.scopes,
+            )
+            changes = self._diff(key, updated)
+            if not changes:
+                return key
+            tx.update_key(updated)
+            tx.insert_event(self._event(key, EventAction.UPDATED, caller.key_id, now, changes))
+        self._invalidation.evict(key.digest)
+        return updated
+
+    def rotate(self, caller: Caller, tenant_id: str, key_id: str, overlap: timedelta) -> Rotation:
+        caller.require(reserved.MANAGE)
+        tenant = caller.resolve_tenant(tenant_id)
+        validate_key_id(key_id)
+        if overlap < timedelta(0):
+            raise InvalidArgument("overlap must not be negative")
+        if overlap > self._max_overlap:
+            raise InvalidArgument(
+                f"overlap must be at most {self._max_overlap} (APIKEYS_MAX_ROTATION_OVERLAP)"
+            )
+        now = self._clock.now()
+        with self._store.transaction() as tx:
+            old = self._active_for_change(tx, tenant, key_id, "rotate", now, allow_expired=False)
+            end = now + overlap
+            if old.expire_time is not None:
+                end = min(end, old.expire_time)
+            issued = self._issue(tenant, old.name, old.scopes, None, now, rotated_from=old.id)
+            previous = replace(old, replaced_by=issued.key.id, expire_time=end)
+            tx.insert_key(issued.key)
+            tx.update_key(previous)
+            tx.insert_event(
+                self._event(
+                    issued.key, EventAction.CREATED, caller.key_id, now, self._created(issued.key)
+                )
+            )
+            tx.insert_event(
+                self._event(old, EventAction.ROTATED, caller.key_id, now, self._diff(old, previous))
+            )
+        self._invalidation.evict(old.digest)
+        self._invalidation.evict(issued.key.digest)
+        return Rotation(issued, previous)
+
+    def revoke(self, caller: Caller, tenant_id: str, key_id: str, reason: str) -> KeyRecord:
+        caller.require(reserved.MANAGE)
+        tenant = caller.resolve_tenant(tenant_id)
+        validate_key_id(key_id)
+        validate_reason(reason)
+        now = self._clock.now()
+        with self._store.transaction() as tx:
+            key = tx.get_key_for_update(tenant, key_id)
+            if key is None:
+                raise NotFound(f"key {key_id} not found in tenant {shown(tenant)}")
+            if key.revoke_time is not None:
+                return key  # idempotent: already revoked, nothing changes, no event
+            revoked = replace(key, revoke_time=now, revoke_reason=reason)
+            tx.update_key(revoked)
+            tx.insert_event(
+                self._event(key, EventAction.REVOKED, caller.key_id, now, self._diff(key, revoked))
+            )
+        self._invalidation.evict(key.digest)
+        return revoked
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _issue(
+        self,
+        tenant_id: str,
+        name: str,
+        scopes: frozenset[str],
+        expire_time: datetime | None,
+        now: datetime,
+        rotated_from: str | None = None,
+    ) -> IssuedKey:
+        secret = self._format.generate()
+        key = KeyRecord(
+            id=new_id("key"),
+            tenant_id=tenant_id,
+            name=name,
+            scopes=scopes,
+            hint=self._format.hint(secret),
+            digest=digest(secret),
+            create_time=now,
+            expire_time=expire_time,
+            rotated_from=rotated_from,
+        )
+        return IssuedKey(key, secret)
+
+    @staticmethod
+    def _active_for_change(
+        tx: KeyWriter, tenant: str, key_id: str, verb: str, now: datetime, allow_expired: bool
+    ) -> KeyRecord:
+        key = tx.get_key_for_update(tenant, key_id)
+        if key is None:
+            raise NotFound(f"key {key_id} not found in tenant {shown(tenant)}")
+        state = key.state(now)
+        if state is KeyState.REVOKED:
+            raise FailedPrecondition(f"key {key_id} is revoked and cannot {verb}; create a new key")
+        if verb == "rotate" and key.replaced_by is not None:
+            raise FailedPrecondition(
+                f"key {key_id} was already rotated to {key.replaced_by}; rotate that key instead"
+            )
+        if state is KeyState.EXPIRED and not allow_expired:
+            raise FailedPrecondition(
+                f"key {key_id} has expired and cannot {verb}; create a new key"
+            )
+        return key
+
+    @staticmethod
+    def _created(key: KeyRecord) -> tuple[FieldChange, ...]:
+        changes = [
+            FieldChange("name", "", key.name),
+            FieldChange("scopes", "", _show_scopes(key.scopes)),
+        ]
+        if key.expire_time is not None:
+            changes.append(FieldChange("expire_time", "", _show_time(key.expire_time)))
+        if key.rotated_from is not None:
+            changes.append(FieldChange("rotated_from", "", key.rotated_from))
+        return tuple(changes)
+
+    @staticmethod
+    def _diff(before: KeyRecord, after: KeyRecord) -> tuple[FieldChange, ...]:
+        shown_fields: dict[str, Callable[[KeyRecord], str]] = {
+            "name": lambda k: k.name,
+            "scopes": lambda k: _show_scopes(k.scopes),
+            "expire_time": lambda k: _show_time(k.expire_time),
+            "revoke_time": lambda k: _show_time(k.revoke_time),
+            "revoke_reason": lambda k: k.revoke_reason,
+            "replaced_by": lambda k: k.replaced_by or "",
+        }
+        changes = []
+        for field, show in shown_fields.items():
+            old, new = show(before), show(after)
+            if old != new:
+                changes.append(FieldChange(field, old, new))
+        return tuple(changes)
+
+    @staticmethod
+    def _event(
+        key: KeyRecord,
+        action: EventAction,
+        actor_key_id: str,
+        now: datetime,
+        changes: tuple[FieldChange, ...],
+    ) -> KeyEvent:
+        return KeyEvent(new_id("evt"), now, key.tenant_id, key.id, action, actor_key_id, changes)
+
+    @staticmethod
+    def _page(
+        items: list[T], limit: int, fingerprint: str, cursor_of: Callable[[T], pagination.Cursor]
+    ) -> Page[T]:
+        if len(items) <= limit:
+            return Page(items, "")
+        page = items[:limit]
+        return Page(page, pagination.encode(cursor_of(page[-1]), fingerprint))

@@ -1,0 +1,54 @@
+"""Rules for the names and identifiers callers send."""
+
+import re
+from typing import Final
+
+from apikeys_server.domain.errors import InvalidArgument
+
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Tenant ids start with a letter or digit, so the platform tenant "_platform" cannot collide.
+TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PLATFORM_TENANT: Final = "_platform"
+KEY_ID_PATTERN: Final = re.compile(r"key_[a-z0-9]{1,40}")
+MAX_REASON_LENGTH: Final = 256
+
+
+def shown(text: str) -> str:
+    """A caller's value quoted for an error message, cut short so a huge input is not echoed."""
+    return repr(text if len(text) <= 64 else text[:64] + "…")
+
+
+def validate_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(
+            f"name {shown(name)} must be 1-64 letters, digits, '.', '_' or '-' "
+            "and say the owning system and environment, e.g. 'crm-sync-prod'"
+        )
+    return name
+
+
+def validate_tenant(tenant_id: str) -> str:
+    if tenant_id == PLATFORM_TENANT:
+        return tenant_id
+    if not tenant_id:
+        raise InvalidArgument("tenant_id is required")
+    if not TENANT_PATTERN.fullmatch(tenant_id):
+        raise InvalidArgument(
+            f"tenant_id {shown(tenant_id)} must be 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return tenant_id
+
+
+def validate_key_id(key_id: str) -> str:
+    if not key_id:
+        raise InvalidArgument("key_id is required")
+    if not KEY_ID_PATTERN.fullmatch(key_id):
+        raise InvalidArgument(f"key_id {shown(key_id)} is not a key id (e.g. 'key_0f3k…')")
+    return key_id
+
+
+def validate_reason(reason: str) -> str:
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgument(f"reason is at most {MAX_REASON_LENGTH} characters")
+    return reason

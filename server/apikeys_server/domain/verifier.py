@@ -1,0 +1,77 @@
+"""The hot path: shape check, digest, (cached) lookup, rules. Also authenticates callers."""
+
+from collections.abc import Iterable
+
+from apikeys_server.domain import scopes as reserved
+from apikeys_server.domain.access import Caller
+from apikeys_server.domain.clock import Clock
+from apikeys_server.domain.errors import InvalidArgument, Unauthenticated
+from apikeys_server.domain.key_format import KeyFormat, digest
+from apikeys_server.domain.ports import KeyLookup, UsageRecorder
+from apikeys_server.domain.scopes import ScopeCatalog
+from apikeys_server.domain.validation import shown
+from apikeys_server.domain.verification import (
+    MALFORMED,
+    MISSING,
+    VerifyCode,
+    VerifyResult,
+    evaluate,
+)
+
+
+class Verifier:
+    def __init__(
+        self,
+        key_format: KeyFormat,
+        lookup: KeyLookup,
+        catalog: ScopeCatalog,
+        clock: Clock,
+        usage: UsageRecorder,
+    ) -> None:
+        self._format = key_format
+        self._lookup = lookup
+        self._catalog = catalog
+        self._clock = clock
+        self._usage = usage
+
+    def verify(
+        self, caller: Caller, key: str, tenant_id: str, required_scopes: Iterable[str]
+    ) -> VerifyResult:
+        """Verify as asked by ``caller``: needs apikeys:verify and acts on the caller's tenants."""
+        caller.require(reserved.VERIFY)
+        tenant = caller.resolve_tenant(tenant_id)
+        required = frozenset(required_scopes)
+        if not required <= self._catalog.names:
+            unknown = sorted(required - self._catalog.names)[0]
+            raise InvalidArgument(
+                f"required scope {shown(unknown)} is not in the catalog; see ListScopes"
+            )
+        return self.check(key, tenant, required)
+
+    def check(self, key: str, tenant_id: str, required: frozenset[str]) -> VerifyResult:
+        if not key:
+            return MISSING
+        if not self._format.is_well_formed(key):
+            return MALFORMED
+        record = self._lookup.find_by_digest(digest(key))
+        now = self._clock.now()
+        result = evaluate(record, tenant_id, required, now)
+        if record is not None and result.valid:
+            self._usage.record(record.id, now)
+        return result
+
+    def authenticate(self, key: str | None) -> Caller:
+        """The caller of an RPC, from its own key; its scopes are checked by each operation."""
+        if not key:
+            raise Unauthenticated("missing x-api-key metadata: send a key of this service")
+        if not self._format.is_well_formed(key):
+            raise Unauthenticated("x-api-key is not a well-formed key of this deployment")
+        record = self._lookup.find_by_digest(digest(key))
+        if record is None:
+            raise Unauthenticated("x-api-key is not a known key")
+        now = self._clock.now()
+        result = evaluate(record, record.tenant_id, frozenset(), now)
+        if result.code is not VerifyCode.VALID:
+            raise Unauthenticated(f"x-api-key {record.id} is {result.code.name.lower()}")
+        self._usage.record(record.id, now)
+        return Caller(record.id, record.tenant_id, record.scopes)

@@ -1,0 +1,1 @@
+"""Transport layer: thin gRPC servicers, proto <-> domain conversion, error mapping."""

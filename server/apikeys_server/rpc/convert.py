@@ -1,0 +1,129 @@
+"""Proto <-> domain conversion. Never puts a secret or digest into an ApiKey."""
+
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from apikeys.v1 import api_key_pb2, key_verifier_pb2
+from apikeys_server.domain.errors import InvalidArgument
+from apikeys_server.domain.records import EventAction, KeyEvent, KeyRecord, KeyState
+from apikeys_server.domain.scopes import Scope
+from apikeys_server.domain.verification import VerifyCode, VerifyResult
+
+_STATE = {
+    KeyState.ACTIVE: api_key_pb2.KEY_STATE_ACTIVE,
+    KeyState.EXPIRED: api_key_pb2.KEY_STATE_EXPIRED,
+    KeyState.REVOKED: api_key_pb2.KEY_STATE_REVOKED,
+}
+_ACTION = {
+    EventAction.CREATED: api_key_pb2.EVENT_ACTION_CREATED,
+    EventAction.UPDATED: api_key_pb2.EVENT_ACTION_UPDATED,
+    EventAction.ROTATED: api_key_pb2.EVENT_ACTION_ROTATED,
+    EventAction.REVOKED: api_key_pb2.EVENT_ACTION_REVOKED,
+}
+_CODE = {
+    VerifyCode.VALID: key_verifier_pb2.VERIFY_CODE_VALID,
+    VerifyCode.MISSING: key_verifier_pb2.VERIFY_CODE_MISSING,
+    VerifyCode.MALFORMED: key_verifier_pb2.VERIFY_CODE_MALFORMED,
+    VerifyCode.NOT_FOUND: key_verifier_pb2.VERIFY_CODE_NOT_FOUND,
+    VerifyCode.REVOKED: key_verifier_pb2.VERIFY_CODE_REVOKED,
+    VerifyCode.EXPIRED: key_verifier_pb2.VERIFY_CODE_EXPIRED,
+    VerifyCode.INSUFFICIENT_SCOPE: key_verifier_pb2.VERIFY_CODE_INSUFFICIENT_SCOPE,
+}
+
+
+def timestamp(value: datetime) -> Timestamp:
+    message = Timestamp()
+    message.FromDatetime(value)
+    return message
+
+
+def optional_datetime(message: Timestamp, field: str, present: bool) -> datetime | None:
+    """A Timestamp field from a request: None when unset, INVALID_ARGUMENT when out of range."""
+    if not present:
+        return None
+    try:
+        return message.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(f"{field} is not a valid timestamp") from None
+
+
+def duration(message: Duration, field: str) -> timedelta:
+    if message.nanos and (
+        message.seconds > 0 > message.nanos or message.seconds < 0 < message.nanos
+    ):
+        raise InvalidArgument(f"{field} is not a valid duration (seconds and nanos differ in sign)")
+    try:
+        return message.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{field} is not a valid duration") from None
+
+
+def api_key(key: KeyRecord, now: datetime) -> api_key_pb2.ApiKey:
+    message = api_key_pb2.ApiKey(
+        id=key.id,
+        tenant_id=key.tenant_id,
+        name=key.name,
+        scopes=sorted(key.scopes),
+        hint=key.hint,
+        state=_STATE[key.state(now)],
+        create_time=timestamp(key.create_time),
+        replaced_by=key.replaced_by or "",
+        rotated_from=key.rotated_from or "",
+        revoke_reason=key.revoke_reason,
+    )
+    if key.expire_time is not None:
+        message.expire_time.CopyFrom(timestamp(key.expire_time))
+    if key.revoke_time is not None:
+        message.revoke_time.CopyFrom(timestamp(key.revoke_time))
+    if key.last_used_time is not None:
+        message.last_used_time.CopyFrom(timestamp(key.last_used_time))
+    return message
+
+
+def key_event(event: KeyEvent) -> api_key_pb2.KeyEvent:
+    return api_key_pb2.KeyEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        tenant_id=event.tenant_id,
+        key_id=event.key_id,
+        action=_ACTION[event.action],
+        actor_key_id=event.actor_key_id,
+        changes=[
+            api_key_pb2.FieldChange(field=c.field, old_value=c.old_value, new_value=c.new_value)
+            for c in event.changes
+        ],
+    )
+
+
+def scope(item: Scope) -> api_key_pb2.Scope:
+    return api_key_pb2.Scope(name=item.name, description=item.description)
+
+
+def verify_response(result: VerifyResult) -> key_verifier_pb2.VerifyResponse:
+    key = result.key
+    if key is None:
+        return _KEYLESS[result.code]
+    response = key_verifier_pb2.VerifyResponse(
+        valid=result.valid,
+        code=_CODE[result.code],
+        http_status=result.code.http_status,
+        key_id=key.id,
+        tenant_id=key.tenant_id,
+        name=key.name,
+        scopes=sorted(key.scopes),
+        missing_scopes=result.missing_scopes,
+    )
+    if key.expire_time is not None:
+        response.expire_time.CopyFrom(timestamp(key.expire_time))
+    return response
+
+
+# Answers that carry no key are constant: built once, shared read-only by every call.
+_KEYLESS = {
+    code: key_verifier_pb2.VerifyResponse(
+        valid=False, code=_CODE[code], http_status=code.http_status
+    )
+    for code in (VerifyCode.MISSING, VerifyCode.MALFORMED, VerifyCode.NOT_FOUND)
+}

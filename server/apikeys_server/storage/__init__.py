@@ -1,0 +1,1 @@
+"""Storage layer: SQLAlchemy models and repository, the Verify cache, migrations."""

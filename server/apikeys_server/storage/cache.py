@@ -1,0 +1,114 @@
+"""The Verify cache: bounded LRU with TTL, positive and negative entries, safe under threads.
+
+Positive entries (a record) and negative ones (no such key) live in separate bounded caches,
+so a flood of unknown keys can never push valid keys out. Entries are immutable records.
+
+Invalidation is one call, ``evict(digest)``: this process calls it after each change it
+commits, and a listener for other processes' changes can call the same. A generation counter
+closes the race where a lookup that started before a change stores its stale answer after the
+eviction: such an answer is returned to its caller but never cached.
+"""
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from cachetools import TTLCache
+
+from apikeys_server.domain.ports import KeyLookup
+from apikeys_server.domain.records import KeyRecord
+
+
+class _Miss:
+    pass
+
+
+MISS: Final = _Miss()
+
+
+class KeyCache:
+    def __init__(
+        self,
+        maxsize: int,
+        ttl: float,
+        negative_maxsize: int,
+        negative_ttl: float,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._positive: TTLCache[bytes, KeyRecord] | None = (
+            TTLCache(maxsize, ttl, timer) if maxsize > 0 and ttl > 0 else None
+        )
+        self._negative: TTLCache[bytes, None] | None = (
+            TTLCache(negative_maxsize, negative_ttl, timer)
+            if negative_maxsize > 0 and negative_ttl > 0
+            else None
+        )
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def get(self, digest: bytes) -> KeyRecord | _Miss | None:
+        with self._lock:
+            if self._positive is not None:
+                record = self._positive.get(digest)
+                if record is not None:
+                    return record
+            if self._negative is not None and digest in self._negative:
+                return None
+        return MISS
+
+    def put(self, digest: bytes, record: KeyRecord | None, generation: int) -> None:
+        """Stores a lookup's answer unless an eviction happened since the lookup began."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            if record is not None:
+                if self._positive is not None:
+                    self._positive[digest] = record
+            elif self._negative is not None:
+                self._negative[digest] = None
+
+    def evict(self, digest: bytes) -> None:
+        with self._lock:
+            self._generation += 1
+            if self._positive is not None:
+                self._positive.pop(digest, None)
+            if self._negative is not None:
+                self._negative.pop(digest, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            if self._positive is not None:
+                self._positive.clear()
+            if self._negative is not None:
+                self._negative.clear()
+
+    def sizes(self) -> tuple[int, int]:
+        """(positive, negative) entry counts."""
+        with self._lock:
+            return (
+                len(self._positive) if self._positive is not None else 0,
+                len(self._negative) if self._negative is not None else 0,
+            )
+
+
+class CachedKeyLookup:
+    """A KeyLookup that answers from the cache and falls back to the store on a miss."""
+
+    def __init__(self, source: KeyLookup, cache: KeyCache) -> None:
+        self._source = source
+        self._cache = cache
+
+    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+        cached = self._cache.get(digest)
+        if not isinstance(cached, _Miss):
+            return cached
+        generation = self._cache.generation
+        record = self._source.find_by_digest(digest)
+        self._cache.put(digest, record, generation)
+        return record

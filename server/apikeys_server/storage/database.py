@@ -1,0 +1,75 @@
+"""Engines: one for writes (real transactions), one for reads (autocommit, no BEGIN per read).
+
+SQLAlchemy's default begin/rollback around every read triples the cost of a PostgreSQL lookup,
+so the Verify path reads in autocommit. On SQLite, writes take the lock up front
+(BEGIN IMMEDIATE), so concurrent writers queue instead of failing on a lock upgrade.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class Database:
+    url: URL
+    write_engine: Engine
+    read_engine: Engine
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.get_backend_name() == "sqlite"
+
+    def dispose(self) -> None:
+        self.write_engine.dispose()
+        self.read_engine.dispose()
+
+
+def normalise_url(database_url: str) -> URL:
+    """``postgresql://`` means psycopg 3 here (the driver we ship), not psycopg2."""
+    url = make_url(database_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ValueError("SQLite needs a file (sqlite:///apikeys.db); in-memory is not supported")
+    return url
+
+
+def open_database(database_url: str, pool_size: int = 16) -> Database:
+    url = normalise_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return Database(url, _sqlite_engine(url, write=True), _sqlite_engine(url, write=False))
+    options: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_recycle": 1800,
+    }
+    write = create_engine(url, **options)
+    read = create_engine(url, isolation_level="AUTOCOMMIT", **options)
+    return Database(url, write, read)
+
+
+def _sqlite_engine(url: URL, write: bool) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Leave transaction control to the events below rather than to the sqlite3 module.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    if write:
+
+        @event.listens_for(engine, "begin")
+        def on_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

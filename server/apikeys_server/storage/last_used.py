@@ -1,0 +1,61 @@
+"""Last-used times, gathered in memory on the Verify path and written in batches.
+
+Recording is a dict assignment under a lock; a background thread flushes every
+``interval`` seconds (and on stop) with one batched UPDATE that never moves a time backwards.
+"""
+
+import logging
+import threading
+from datetime import datetime
+
+from apikeys_server.domain.errors import Unavailable
+from apikeys_server.domain.ports import KeyStore
+
+log = logging.getLogger(__name__)
+
+
+class LastUsedRecorder:
+    def __init__(self, store: KeyStore, interval: float) -> None:
+        self._store = store
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._pending: dict[str, datetime] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def record(self, key_id: str, when: datetime) -> None:
+        with self._lock:
+            self._pending[key_id] = when
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="last-used-flush", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.flush()
+
+    def flush(self) -> int:
+        """Writes what was gathered; on failure keeps it for the next try. Returns keys written."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        if not batch:
+            return 0
+        try:
+            self._store.touch_last_used(batch)
+        except Unavailable:
+            log.warning("could not write last-used times of %d keys; will retry", len(batch))
+            with self._lock:
+                for key_id, when in batch.items():
+                    newer = self._pending.get(key_id)
+                    if newer is None or newer < when:
+                        self._pending[key_id] = when
+            return 0
+        return len(batch)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            self.flush()

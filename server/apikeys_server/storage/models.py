@@ -1,0 +1,77 @@
+"""Typed declarative models. The schema itself changes only through migrations/."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Dialect, Index, LargeBinary, String, Table, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (naive text) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use aware UTC datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    # Space-separated, sorted: scope names hold no spaces, and a split is the cheapest parse.
+    scopes: Mapped[str] = mapped_column(Text)
+    hint: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of the key. The key itself is never stored.
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    expire_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoke_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoke_reason: Mapped[str] = mapped_column(String(256), default="")
+    last_used_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    replaced_by: Mapped[str | None] = mapped_column(String(40))
+    rotated_from: Mapped[str | None] = mapped_column(String(40))
+
+    __table_args__ = (Index("ix_api_keys_tenant_created", "tenant_id", "create_time", "id"),)
+
+
+class KeyEventRow(Base):
+    __tablename__ = "key_events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(40))
+    action: Mapped[str] = mapped_column(String(16))
+    actor_key_id: Mapped[str] = mapped_column(String(40))
+    # JSON list of {field, old, new}; never a secret.
+    changes: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_key_events_tenant_time", "tenant_id", "time", "id"),
+        Index("ix_key_events_tenant_key_time", "tenant_id", "key_id", "time", "id"),
+    )
+
+
+api_keys: Table = ApiKeyRow.__table__  # type: ignore[assignment]
+key_events: Table = KeyEventRow.__table__  # type: ignore[assignment]

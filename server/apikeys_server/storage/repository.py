@@ -1,0 +1,210 @@
+"""The SQL key store: lookups on the read engine, changes in transactions on the write engine."""
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, bindparam, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from apikeys_server.domain.errors import FailedPrecondition, Unavailable
+from apikeys_server.domain.pagination import Cursor
+from apikeys_server.domain.ports import KeyQuery
+from apikeys_server.domain.records import EventAction, FieldChange, KeyEvent, KeyRecord
+from apikeys_server.storage.database import Database
+from apikeys_server.storage.models import api_keys, key_events
+
+_KEY_COLUMNS = (
+    api_keys.c.id,
+    api_keys.c.tenant_id,
+    api_keys.c.name,
+    api_keys.c.scopes,
+    api_keys.c.hint,
+    api_keys.c.digest,
+    api_keys.c.create_time,
+    api_keys.c.expire_time,
+    api_keys.c.revoke_time,
+    api_keys.c.revoke_reason,
+    api_keys.c.last_used_time,
+    api_keys.c.replaced_by,
+    api_keys.c.rotated_from,
+)
+_SELECT_KEYS = select(*_KEY_COLUMNS)
+_BY_DIGEST = _SELECT_KEYS.where(api_keys.c.digest == bindparam("digest"))
+_BY_ID = _SELECT_KEYS.where(
+    api_keys.c.tenant_id == bindparam("tenant_id"), api_keys.c.id == bindparam("key_id")
+)
+_TOUCH = (
+    update(api_keys)
+    .where(
+        api_keys.c.id == bindparam("key_id"),
+        or_(api_keys.c.last_used_time.is_(None), api_keys.c.last_used_time < bindparam("used")),
+    )
+    .values(last_used_time=bindparam("used"))
+)
+
+
+def _to_record(row: Any) -> KeyRecord:
+    return KeyRecord(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        name=row.name,
+        scopes=frozenset(row.scopes.split()),
+        hint=row.hint,
+        digest=bytes(row.digest),
+        create_time=row.create_time,
+        expire_time=row.expire_time,
+        revoke_time=row.revoke_time,
+        revoke_reason=row.revoke_reason,
+        last_used_time=row.last_used_time,
+        replaced_by=row.replaced_by,
+        rotated_from=row.rotated_from,
+    )
+
+
+def _key_values(key: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "tenant_id": key.tenant_id,
+        "name": key.name,
+        "scopes": " ".join(sorted(key.scopes)),
+        "hint": key.hint,
+        "digest": key.digest,
+        "create_time": key.create_time,
+        "expire_time": key.expire_time,
+        "revoke_time": key.revoke_time,
+        "revoke_reason": key.revoke_reason,
+        "last_used_time": key.last_used_time,
+        "replaced_by": key.replaced_by,
+        "rotated_from": key.rotated_from,
+    }
+
+
+def _to_event(row: Any) -> KeyEvent:
+    changes = tuple(FieldChange(c["field"], c["old"], c["new"]) for c in json.loads(row.changes))
+    return KeyEvent(
+        id=row.id,
+        time=row.time,
+        tenant_id=row.tenant_id,
+        key_id=row.key_id,
+        action=EventAction(row.action),
+        actor_key_id=row.actor_key_id,
+        changes=changes,
+    )
+
+
+def _newest_first_after(
+    statement: Select[Any], time_col: Any, id_col: Any, after: Cursor | None
+) -> Select[Any]:
+    if after is not None:
+        statement = statement.where(
+            or_(time_col < after.time, and_(time_col == after.time, id_col < after.id))
+        )
+    return statement.order_by(time_col.desc(), id_col.desc())
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """Connection trouble becomes UNAVAILABLE: callers fail closed and may retry."""
+    try:
+        yield
+    except IntegrityError as error:
+        raise FailedPrecondition("the change conflicts with a concurrent one; retry") from error
+    except (OperationalError, DBAPIError) as error:
+        raise Unavailable("the key database is unavailable; retry later") from error
+
+
+class SqlTransaction:
+    def __init__(self, connection: Connection, for_update: bool) -> None:
+        self._connection = connection
+        self._for_update = for_update
+
+    def get_key_for_update(self, tenant_id: str, key_id: str) -> KeyRecord | None:
+        statement = _BY_ID.with_for_update() if self._for_update else _BY_ID
+        row = self._connection.execute(
+            statement, {"tenant_id": tenant_id, "key_id": key_id}
+        ).first()
+        return None if row is None else _to_record(row)
+
+    def insert_key(self, key: KeyRecord) -> None:
+        self._connection.execute(insert(api_keys), _key_values(key))
+
+    def update_key(self, key: KeyRecord) -> None:
+        values = _key_values(key)
+        for immutable in ("id", "tenant_id", "digest", "create_time", "hint", "last_used_time"):
+            del values[immutable]
+        self._connection.execute(update(api_keys).where(api_keys.c.id == key.id).values(**values))
+
+    def insert_event(self, event: KeyEvent) -> None:
+        changes = [
+            {"field": c.field, "old": c.old_value, "new": c.new_value} for c in event.changes
+        ]
+        self._connection.execute(
+            insert(key_events),
+            {
+                "id": event.id,
+                "time": event.time,
+                "tenant_id": event.tenant_id,
+                "key_id": event.key_id,
+                "action": event.action.value,
+                "actor_key_id": event.actor_key_id,
+                "changes": json.dumps(changes, separators=(",", ":")),
+            },
+        )
+
+
+class SqlKeyStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._read = database.read_engine
+        self._write = database.write_engine
+        # SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL locks the row.
+        self._for_update = not database.is_sqlite
+
+    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+        with _database_errors(), self._read.connect() as connection:
+            row = connection.execute(_BY_DIGEST, {"digest": digest}).first()
+        return None if row is None else _to_record(row)
+
+    def get_key(self, tenant_id: str, key_id: str) -> KeyRecord | None:
+        with _database_errors(), self._read.connect() as connection:
+            row = connection.execute(_BY_ID, {"tenant_id": tenant_id, "key_id": key_id}).first()
+        return None if row is None else _to_record(row)
+
+    def list_keys(self, query: KeyQuery, after: Cursor | None, limit: int) -> list[KeyRecord]:
+        statement = _SELECT_KEYS.where(api_keys.c.tenant_id == query.tenant_id)
+        if not query.include_revoked:
+            statement = statement.where(api_keys.c.revoke_time.is_(None))
+        if query.name_prefix:
+            statement = statement.where(
+                api_keys.c.name.startswith(query.name_prefix, autoescape=True)
+            )
+        statement = _newest_first_after(statement, api_keys.c.create_time, api_keys.c.id, after)
+        with _database_errors(), self._read.connect() as connection:
+            rows = connection.execute(statement.limit(limit)).all()
+        return [_to_record(row) for row in rows]
+
+    def list_events(
+        self, tenant_id: str, key_id: str | None, after: Cursor | None, limit: int
+    ) -> list[KeyEvent]:
+        statement = select(key_events).where(key_events.c.tenant_id == tenant_id)
+        if key_id is not None:
+            statement = statement.where(key_events.c.key_id == key_id)
+        statement = _newest_first_after(statement, key_events.c.time, key_events.c.id, after)
+        with _database_errors(), self._read.connect() as connection:
+            rows = connection.execute(statement.limit(limit)).all()
+        return [_to_event(row) for row in rows]
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTransaction]:
+        with _database_errors(), self._write.begin() as connection:
+            yield SqlTransaction(connection, self._for_update)
+
+    def touch_last_used(self, used: Mapping[str, datetime]) -> None:
+        if not used:
+            return
+        params = [{"key_id": key_id, "used": when} for key_id, when in used.items()]
+        with _database_errors(), self._write.begin() as connection:
+            connection.execute(_TOUCH, params)
