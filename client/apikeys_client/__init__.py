@@ -1,0 +1,25 @@
+"""Python client for the apikeys service: key management and Verify over gRPC."""
+
+from apikeys_client._client import ApiKeysClient
+from apikeys_client._errors import (
+    AlreadyGone,
+    ApiKeysError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+
+__all__ = [
+    "AlreadyGone",
+    "ApiKeysClient",
+    "ApiKeysError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Unauthenticated",
+    "Unavailable",
+]
