@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
-.PHONY: run test unit lint typecheck proto check-proto admin-key bench bench-smoke clean
+.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/apikeys-server serve
@@ -42,6 +44,9 @@ proto: $(STAMP)
 check-proto: proto
 	git diff --exit-code -- client/apikeys/v1
 	@test -z "$$(git status --porcelain -- client/apikeys/v1)" || (echo "untracked generated files" && exit 1)
+
+# Everything CI checks, in CI's order.
+check: lint typecheck check-proto test
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
