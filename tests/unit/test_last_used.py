@@ -1,0 +1,192 @@
+"""Last-used times: gathered in memory, flushed in batches, kept on failure."""
+
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from apikeys_server.domain.errors import Unavailable
+from apikeys_server.storage.last_used import LastUsedRecorder
+
+T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+T1 = T0 + timedelta(seconds=1)
+T2 = T0 + timedelta(seconds=2)
+LONG = 3600.0
+
+
+class FakeStore:
+    """Only the touch_last_used part of the KeyStore port, recording each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, datetime]] = []
+        self.fail_next = 0
+        self.during_write: Callable[[], None] | None = None
+        self.written = threading.Event()
+
+    def touch_last_used(self, used: Mapping[str, datetime]) -> None:
+        if self.during_write is not None:
+            action, self.during_write = self.during_write, None
+            action()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise Unavailable("database down")
+        self.batches.append(dict(used))
+        self.written.set()
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    return FakeStore()
+
+
+@pytest.fixture
+def recorder(store: FakeStore) -> LastUsedRecorder:
+    return LastUsedRecorder(store, LONG)  # type: ignore[arg-type]
+
+
+class TestFlush:
+    def test_flush_writes_the_batch(self, store: FakeStore, recorder: LastUsedRecorder) -> None:
+        """flush() writes every recorded key once, in one batch, and returns the count."""
+        recorder.record("key_a", T0)
+        recorder.record("key_b", T1)
+        assert recorder.flush() == 2
+        assert store.batches == [{"key_a": T0, "key_b": T1}]
+
+    def test_latest_record_per_key_is_written(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """Many uses of one key between flushes collapse into one entry with the latest time."""
+        for seconds in range(100):
+            recorder.record("key_a", T0 + timedelta(seconds=seconds))
+        recorder.flush()
+        assert store.batches == [{"key_a": T0 + timedelta(seconds=99)}]
+
+    def test_out_of_order_record_keeps_the_latest(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """A use recorded late with an older time does not move the pending time backwards."""
+        recorder.record("key_a", T2)
+        recorder.record("key_a", T1)
+        recorder.flush()
+        assert store.batches == [{"key_a": T2}]
+
+    def test_empty_flush_writes_nothing(self, store: FakeStore, recorder: LastUsedRecorder) -> None:
+        """With nothing recorded, flush() does not call the store at all."""
+        assert recorder.flush() == 0
+        assert store.batches == []
+
+    def test_flushed_entries_are_not_written_again(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """After a successful flush the next one has nothing to write."""
+        recorder.record("key_a", T0)
+        recorder.flush()
+        assert recorder.flush() == 0
+        assert len(store.batches) == 1
+
+    def test_failure_keeps_entries_for_next_flush(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """When the store is Unavailable, the batch is kept and written by the next flush."""
+        recorder.record("key_a", T0)
+        recorder.record("key_b", T1)
+        store.fail_next = 1
+        assert recorder.flush() == 0
+        assert store.batches == []
+        assert recorder.flush() == 2
+        assert store.batches == [{"key_a": T0, "key_b": T1}]
+
+    def test_failure_does_not_move_times_backwards(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """A failed batch never replaces a newer time recorded while it was being written."""
+        recorder.record("key_a", T1)
+        recorder.record("key_b", T1)
+
+        def uses_during_write() -> None:
+            recorder.record("key_a", T2)  # newer than the failed batch: kept
+            recorder.record("key_b", T0)  # older than the failed batch: batch time restored
+            recorder.record("key_c", T0)
+
+        store.during_write = uses_during_write
+        store.fail_next = 1
+        assert recorder.flush() == 0
+        recorder.flush()
+        assert store.batches == [{"key_a": T2, "key_b": T1, "key_c": T0}]
+
+    def test_failure_is_logged_without_key_ids(
+        self, store: FakeStore, recorder: LastUsedRecorder, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A failed flush logs a warning with the count; it does not raise."""
+        recorder.record("key_a", T0)
+        store.fail_next = 1
+        with caplog.at_level("WARNING"):
+            recorder.flush()
+        assert "1 keys" in caplog.text
+        assert "key_a" not in caplog.text
+
+    def test_other_errors_propagate(self, recorder: LastUsedRecorder) -> None:
+        """Errors other than Unavailable are not swallowed by flush()."""
+
+        class BrokenStore:
+            def touch_last_used(self, used: Mapping[str, datetime]) -> None:
+                raise RuntimeError("bug")
+
+        broken = LastUsedRecorder(BrokenStore(), LONG)  # type: ignore[arg-type]
+        broken.record("key_a", T0)
+        with pytest.raises(RuntimeError):
+            broken.flush()
+
+
+class TestLifecycle:
+    def test_stop_without_start_flushes(self, store: FakeStore, recorder: LastUsedRecorder) -> None:
+        """stop() writes what is pending even if the thread never ran."""
+        recorder.record("key_a", T0)
+        recorder.stop()
+        assert store.batches == [{"key_a": T0}]
+
+    def test_start_runs_a_thread_and_stop_ends_it_and_flushes(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """start() runs the flush thread; stop() wakes it at once, joins it and flushes."""
+        before = set(threading.enumerate())
+        recorder.start()
+        started = [t for t in threading.enumerate() if t not in before]
+        assert [t.name for t in started] == ["last-used-flush"]
+        assert started[0].daemon
+        recorder.record("key_a", T0)
+        recorder.stop()
+        assert not started[0].is_alive()
+        assert store.batches == [{"key_a": T0}]
+
+    def test_thread_flushes_on_its_interval(self, store: FakeStore) -> None:
+        """The background thread writes pending times by itself every interval."""
+        recorder = LastUsedRecorder(store, 0.01)  # type: ignore[arg-type]
+        recorder.record("key_a", T0)
+        recorder.start()
+        try:
+            assert store.written.wait(timeout=10)
+        finally:
+            recorder.stop()
+        assert store.batches[0] == {"key_a": T0}
+
+    def test_record_is_thread_safe(self, store: FakeStore, recorder: LastUsedRecorder) -> None:
+        """Concurrent record() and flush() calls lose no key."""
+        start = threading.Barrier(4)
+
+        def record_many(worker: int) -> None:
+            start.wait()
+            for i in range(500):
+                recorder.record(f"key_{worker}_{i}", T0)
+                if i % 50 == 0:
+                    recorder.flush()
+
+        threads = [threading.Thread(target=record_many, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        recorder.flush()
+        written = {key for batch in store.batches for key in batch}
+        assert len(written) == 2000
