@@ -1,7 +1,7 @@
 """Last-used times, gathered in memory on the Verify path and written in batches.
 
-Recording is a dict assignment under a lock; a background thread flushes every
-``interval`` seconds (and on stop) with one batched UPDATE that never moves a time backwards.
+Recording keeps the latest time per key in a dict under a lock; a background thread flushes
+every ``interval`` seconds (and on stop) with one batched UPDATE that never moves a time backwards.
 """
 
 import logging
@@ -24,8 +24,11 @@ class LastUsedRecorder:
         self._thread: threading.Thread | None = None
 
     def record(self, key_id: str, when: datetime) -> None:
+        # Concurrent verifies may arrive out of order: keep the latest, never move back.
         with self._lock:
-            self._pending[key_id] = when
+            pending = self._pending.get(key_id)
+            if pending is None or pending < when:
+                self._pending[key_id] = when
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="last-used-flush", daemon=True)
@@ -58,4 +61,8 @@ class LastUsedRecorder:
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:
+                # Keep the thread alive: one bad batch must not stop every later flush.
+                log.exception("last-used flush failed; that batch is dropped")
