@@ -6,8 +6,9 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Select, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from apikeys_server.domain.errors import FailedPrecondition, Unavailable
 from apikeys_server.domain.pagination import Cursor
@@ -112,7 +113,7 @@ def _database_errors() -> Iterator[None]:
         yield
     except IntegrityError as error:
         raise FailedPrecondition("the change conflicts with a concurrent one; retry") from error
-    except (OperationalError, DBAPIError) as error:
+    except (OperationalError, DBAPIError, PoolTimeout) as error:
         raise Unavailable("the key database is unavailable; retry later") from error
 
 
@@ -178,8 +179,10 @@ class SqlKeyStore:
         if not query.include_revoked:
             statement = statement.where(api_keys.c.revoke_time.is_(None))
         if query.name_prefix:
+            # LIKE ignores case on SQLite; the substr comparison keeps the match exact everywhere.
             statement = statement.where(
-                api_keys.c.name.startswith(query.name_prefix, autoescape=True)
+                api_keys.c.name.startswith(query.name_prefix, autoescape=True),
+                func.substr(api_keys.c.name, 1, len(query.name_prefix)) == query.name_prefix,
             )
         statement = _newest_first_after(statement, api_keys.c.create_time, api_keys.c.id, after)
         with _database_errors(), self._read.connect() as connection:
