@@ -9,6 +9,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
 from apikeys_server.app import build_services, create_server
 from apikeys_server.config import Settings
 from apikeys_server.domain import scopes
@@ -49,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument(
         "--scope",
         action="append",
-        dest="scopes",
+        dest="grant",
         help=f"repeatable; default: {' '.join(ADMIN_SCOPES)}",
     )
     return parser
@@ -79,10 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "migrate":
             return _migrate(settings)
-        return _admin_key(settings, args.tenant, args.name, args.scopes or list(ADMIN_SCOPES))
+        return _admin_key(settings, args.tenant, args.name, args.grant or list(ADMIN_SCOPES))
     except (DomainError, ValueError, OSError) as error:
         print(f"apikeys-server: {error}", file=sys.stderr)
         return 1
+    except (SQLAlchemyError, ImportError) as error:
+        # Unreachable or unusable database (ImportError: a driver this package does not ship).
+        print(f"apikeys-server: {_database_problem(settings, error)}", file=sys.stderr)
+        return 1
+
+
+def _database_problem(settings: Settings, error: Exception) -> str:
+    """One line naming the database (password hidden) and the driver's own reason."""
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    try:
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    except SQLAlchemyError:  # the URL itself did not parse; the reason says so
+        shown = "the database"
+    return f"cannot use {shown}: {reason}"
 
 
 def _serve(settings: Settings) -> int:
