@@ -37,7 +37,7 @@ def postgres_url() -> Iterator[str]:
     try:
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:  # noqa: BLE001 - any failure to connect means "unreachable"
+    except Exception as error:  # any failure to connect means "unreachable"
         admin.dispose()
         _postgres_unreachable(str(error).splitlines()[0])
     url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
