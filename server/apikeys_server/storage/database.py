@@ -5,6 +5,8 @@ so the Verify path reads in autocommit. On SQLite, writes take the lock up front
 (BEGIN IMMEDIATE), so concurrent writers queue instead of failing on a lock upgrade.
 """
 
+import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,24 @@ def open_database(database_url: str, pool_size: int = 16) -> Database:
     return Database(url, write, read)
 
 
+def _use_wal(cursor: Any) -> None:
+    """Switch a new file to WAL (readers never block on the writer); the mode persists.
+
+    Changing the journal mode answers "database is locked" at once, without waiting on the
+    busy timeout, while another connection (a replica starting too) holds a lock: retry.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _sqlite_engine(url: URL, write: bool) -> Engine:
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
@@ -61,7 +81,7 @@ def _sqlite_engine(url: URL, write: bool) -> Engine:
         # Leave transaction control to the events below rather than to the sqlite3 module.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
