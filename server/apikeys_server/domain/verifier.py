@@ -8,15 +8,10 @@ from apikeys_server.domain.clock import Clock
 from apikeys_server.domain.errors import InvalidArgument, Unauthenticated
 from apikeys_server.domain.key_format import KeyFormat, digest
 from apikeys_server.domain.ports import KeyLookup, UsageRecorder
+from apikeys_server.domain.records import KeyState
 from apikeys_server.domain.scopes import ScopeCatalog
 from apikeys_server.domain.validation import shown
-from apikeys_server.domain.verification import (
-    MALFORMED,
-    MISSING,
-    VerifyCode,
-    VerifyResult,
-    evaluate,
-)
+from apikeys_server.domain.verification import MALFORMED, MISSING, VerifyResult, evaluate
 
 
 class Verifier:
@@ -70,8 +65,9 @@ class Verifier:
         if record is None:
             raise Unauthenticated("x-api-key is not a known key")
         now = self._clock.now()
-        result = evaluate(record, record.tenant_id, frozenset(), now)
-        if result.code is not VerifyCode.VALID:
-            raise Unauthenticated(f"x-api-key {record.id} is {result.code.name.lower()}")
+        # What evaluate() decides for a key in its own tenant with no scope required.
+        state = record.state(now)
+        if state is not KeyState.ACTIVE:
+            raise Unauthenticated(f"x-api-key {record.id} is {state.value}")
         self._usage.record(record.id, now)
         return Caller(record.id, record.tenant_id, record.scopes)

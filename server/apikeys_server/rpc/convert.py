@@ -102,9 +102,23 @@ def scope(item: Scope) -> api_key_pb2.Scope:
 
 
 def verify_response(result: VerifyResult) -> key_verifier_pb2.VerifyResponse:
+    """The answer to Verify. Answers are shared read-only messages where they can be."""
     key = result.key
     if key is None:
         return _KEYLESS[result.code]
+    if result.code is not VerifyCode.VALID or result.missing_scopes:
+        return _keyed_response(result, key)
+    known = _VALID_ANSWERS.get(key.digest)
+    if known is not None and known[0] is key:
+        return known[1]
+    response = _keyed_response(result, key)
+    if len(_VALID_ANSWERS) >= _VALID_ANSWERS_MAX:
+        _VALID_ANSWERS.clear()
+    _VALID_ANSWERS[key.digest] = (key, response)
+    return response
+
+
+def _keyed_response(result: VerifyResult, key: KeyRecord) -> key_verifier_pb2.VerifyResponse:
     response = key_verifier_pb2.VerifyResponse(
         valid=result.valid,
         code=_CODE[result.code],
@@ -119,6 +133,12 @@ def verify_response(result: VerifyResult) -> key_verifier_pb2.VerifyResponse:
         response.expire_time.CopyFrom(timestamp(key.expire_time))
     return response
 
+
+# The VALID answer of each recently verified key, built once per record: a cache hit then
+# builds no message. Keyed by digest and checked by identity, so a changed key (a new record,
+# evicted from the cache) never gets an old answer. Bounded: starts over when full.
+_VALID_ANSWERS: dict[bytes, tuple[KeyRecord, key_verifier_pb2.VerifyResponse]] = {}
+_VALID_ANSWERS_MAX = 2048  # each answer message holds ~1.6 KB
 
 # Answers that carry no key are constant: built once, shared read-only by every call.
 _KEYLESS = {
