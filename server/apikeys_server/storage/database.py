@@ -73,8 +73,15 @@ def _use_wal(cursor: Any) -> None:
             time.sleep(0.01)
 
 
+# Few, hot read connections: each SQLite connection has its own page cache, and the GIL lets
+# little more than one lookup run at a time (measured: ~10 % less CPU per cache miss than
+# SQLAlchemy's default 5 + 10 connections).
+SQLITE_READ_POOL_SIZE = 2
+
+
 def _sqlite_engine(url: URL, write: bool) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    pool: dict[str, Any] = {} if write else {"pool_size": SQLITE_READ_POOL_SIZE, "max_overflow": 0}
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
