@@ -1,6 +1,7 @@
 """The ``apikeys-server`` command: serve, migrate, admin-key."""
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -113,6 +114,9 @@ def _serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     app.start()
+    # Start-up objects (grpc, SQLAlchemy, protobuf, alembic: ~85 000) leave the collector's
+    # reach, so full collections stop walking them on the Verify path (~10 µs a call, bench).
+    gc.freeze()
     stopping.wait()
     app.stop()
     return 0
