@@ -67,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-pin", action="store_true", help="do not pin to cores")
     parser.add_argument(
         "--gc",
-        choices=("default", "freeze", "off"),
-        default="default",
-        help="garbage collector of every server, after start-up (default: as `serve` runs)",
+        choices=("serve", "collect", "off"),
+        default="serve",
+        help="garbage collector of every server after start-up: as `serve` runs (gc.freeze()), "
+        "Python's default (collect), or disabled (off)",
     )
     parser.add_argument("--json", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--markdown", type=Path, help="default: BENCHMARKS.md (never in smoke)")
@@ -240,7 +241,7 @@ def _scenarios(options: Options, dbs: Databases) -> list[tuple[Scenario, str]]:
         found.append((scenario, f"{kind}, {database.rows:,} keys"))
     if not options.smoke:
         found.append((echo, "—"))
-    if options.gc != "default":
+    if options.gc != "serve":
         found = [(replace(s, env={**s.env, "BENCH_GC": options.gc}), db) for s, db in found]
     return found
 

@@ -357,7 +357,11 @@ def markdown_section(
         f"at a fixed {_fmt(offered, ',.0f')} calls/s (half the first echo's maximum) for the "
         f"latencies; {options['rounds']} round(s), medians shown. Cross-check: {cross_check}.",
         f"- Garbage collector in the servers: {options['gc']}"
-        + (" (as `apikeys-server serve` runs)." if options["gc"] == "default" else "."),
+        + (
+            " (`gc.freeze()` after start-up, as `apikeys-server serve` runs)."
+            if options["gc"] == "serve"
+            else "."
+        ),
         "",
         render_markdown(table(rows)),
         "",
