@@ -27,6 +27,7 @@ from apikeys_server.domain.key_format import (
 from apikeys_server.domain.manager import new_id
 from apikeys_server.domain.records import KeyRecord
 from apikeys_server.storage.models import api_keys
+from apikeys_server.storage.repository import key_row
 
 TENANT = "bench"
 GRANTED = ("passes:read", "passes:write")
@@ -61,7 +62,7 @@ def prepare(url: str, working_set: int, filler: int = 0) -> BenchDatabase:
         with services.database.write_engine.begin() as connection:
             for start in range(0, len(keys), BATCH):
                 batch = keys[start : start + BATCH]
-                connection.execute(insert(api_keys), [_row(key.record) for key in batch])
+                connection.execute(insert(api_keys), [key_row(key.record) for key in batch])
         with services.database.write_engine.begin() as connection:
             if services.database.is_sqlite:
                 # Random digests land all over the unique index: keep it in memory while loading.
@@ -91,24 +92,6 @@ def _new_key(name: str, now: datetime) -> BenchKey:
         create_time=now,
     )
     return BenchKey(secret, record)
-
-
-def _row(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "tenant_id": record.tenant_id,
-        "name": record.name,
-        "scopes": " ".join(sorted(record.scopes)),
-        "hint": record.hint,
-        "digest": record.digest,
-        "create_time": record.create_time,
-        "expire_time": None,
-        "revoke_time": None,
-        "revoke_reason": "",
-        "last_used_time": None,
-        "replaced_by": None,
-        "rotated_from": None,
-    }
 
 
 def _filler_row(number: int, now: datetime) -> dict[str, Any]:
