@@ -59,21 +59,23 @@ _TOUCH = (
 )
 
 
-def _to_record(row: Any) -> KeyRecord:
+def _to_record(row: Sequence[Any], scopes: frozenset[str] | None = None) -> KeyRecord:
+    """A record from a converted row of ``_KEY_COLUMNS`` (in KeyRecord's field order)."""
+    scope_set = frozenset(row[3].split()) if scopes is None else scopes
     return KeyRecord(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        name=row.name,
-        scopes=frozenset(row.scopes.split()),
-        hint=row.hint,
-        digest=bytes(row.digest),
-        create_time=row.create_time,
-        expire_time=row.expire_time,
-        revoke_time=row.revoke_time,
-        revoke_reason=row.revoke_reason,
-        last_used_time=row.last_used_time,
-        replaced_by=row.replaced_by,
-        rotated_from=row.rotated_from,
+        id=row[0],
+        tenant_id=row[1],
+        name=row[2],
+        scopes=scope_set,
+        hint=row[4],
+        digest=bytes(row[5]),
+        create_time=row[6],
+        expire_time=row[7],
+        revoke_time=row[8],
+        revoke_reason=row[9],
+        last_used_time=row[10],
+        replaced_by=row[11],
+        rotated_from=row[12],
     )
 
 
@@ -112,28 +114,15 @@ class _DigestLookup:
         values = list(row)
         for index, processor in self._convert:
             values[index] = processor(values[index])
-        (key_id, tenant_id, name, scopes, hint, _, created, expires, revoked, reason, used,
-         replaced_by, rotated_from) = values  # fmt: skip
+        values[1] = sys.intern(values[1])  # the tenant id
+        values[5] = digest  # equal to the row's (the lookup matched it); shared with the cache
+        scopes = values[3]
         scope_set = self._scope_sets.get(scopes)
         if scope_set is None:
             if len(self._scope_sets) >= self._SHARED_LIMIT:
                 self._scope_sets.clear()
             scope_set = self._scope_sets[scopes] = frozenset(scopes.split())
-        return KeyRecord(
-            id=key_id,
-            tenant_id=sys.intern(tenant_id),
-            name=name,
-            scopes=scope_set,
-            hint=hint,
-            digest=digest,  # equal to the row's: the statement matched on it
-            create_time=created,
-            expire_time=expires,
-            revoke_time=revoked,
-            revoke_reason=reason,
-            last_used_time=used,
-            replaced_by=replaced_by,
-            rotated_from=rotated_from,
-        )
+        return _to_record(values, scope_set)
 
 
 def key_row(key: KeyRecord) -> dict[str, Any]:
