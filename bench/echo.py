@@ -1,5 +1,7 @@
 """The ceiling: the project's gRPC server, same factory and settings, answering a constant."""
 
+from collections.abc import Iterator
+
 import grpc
 
 from apikeys.v1 import key_verifier_pb2, key_verifier_pb2_grpc
@@ -15,6 +17,7 @@ ECHO_RESPONSE = key_verifier_pb2.VerifyResponse(
     tenant_id="bench",
     name="bench-verified",
     scopes=["passes:read", "passes:write"],
+    feed_position=1,
 )
 
 
@@ -23,6 +26,11 @@ class EchoVerifier(key_verifier_pb2_grpc.KeyVerifierServicer):
         self, request: key_verifier_pb2.VerifyRequest, context: grpc.ServicerContext
     ) -> key_verifier_pb2.VerifyResponse:
         return ECHO_RESPONSE
+
+    def WatchKeyChanges(
+        self, request: key_verifier_pb2.WatchKeyChangesRequest, context: grpc.ServicerContext
+    ) -> Iterator[key_verifier_pb2.WatchKeyChangesResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the echo server only answers Verify")
 
 
 def echo_server(settings: Settings) -> tuple[grpc.Server, int]:

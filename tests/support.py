@@ -67,6 +67,13 @@ class RunningServer:
         )
 
 
+def settle(server: RunningServer) -> None:
+    """Applies every committed change of the feed now (the follower would within its tick)."""
+    follower = server.app.services.follower
+    assert follower is not None
+    assert follower.catch_up()
+
+
 def server_settings(database_url: str, **overrides: object) -> Settings:
     base = Settings(
         database_url=database_url,

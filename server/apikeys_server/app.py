@@ -1,6 +1,8 @@
 """Wiring: build the layers from Settings and start a gRPC server on them."""
 
 import logging
+import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ from apikeys_server.config import Settings
 from apikeys_server.domain.clock import Clock, SystemClock
 from apikeys_server.domain.key_format import KeyFormat
 from apikeys_server.domain.manager import KeyManager
+from apikeys_server.domain.ports import ChangeSource
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.verifier import Verifier
 from apikeys_server.rpc.key_manager import KeyManagerServicer
@@ -25,7 +28,10 @@ from apikeys_server.rpc.reflection import enable_reflection
 from apikeys_server.storage import migrate
 from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
 from apikeys_server.storage.database import Database, open_database
+from apikeys_server.storage.feed import SqlChangeFeed
+from apikeys_server.storage.follower import FeedFollower, NotFollowing
 from apikeys_server.storage.last_used import LastUsedRecorder
+from apikeys_server.storage.listener import FeedListener, conninfo
 from apikeys_server.storage.repository import SqlKeyStore
 
 log = logging.getLogger(__name__)
@@ -45,15 +51,69 @@ class Services:
     store: SqlKeyStore
     cache: KeyCache
     last_used: LastUsedRecorder
+    follower: FeedFollower | None
     verifier: Verifier
     manager: KeyManager
 
+    @property
+    def changes(self) -> ChangeSource:
+        return self.follower if self.follower is not None else NotFollowing()
+
+    def start(self) -> None:
+        """Starts the background parts: the feed follower (first: it must reach the database
+        before anything is served) and the last-used flusher."""
+        if self.follower is not None:
+            self.follower.start()
+        self.last_used.start()
+
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         self.last_used.stop()
         self.database.dispose()
 
 
-def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+# A connection for the feed listener may be established within this (libpq's minimum).
+LISTENER_CONNECT_TIMEOUT_SECONDS = 2.0
+
+
+def _follower(
+    settings: Settings,
+    database: Database,
+    cache: KeyCache,
+    clock: Clock,
+    on_health: Callable[[bool], None],
+) -> FeedFollower | None:
+    if not settings.follow_feed:
+        log.warning(
+            "not following the change feed (APIKEYS_FOLLOW_FEED=false): changes made by other "
+            "processes are seen only when cached entries expire (APIKEYS_CACHE_TTL_SECONDS)"
+        )
+        return None
+    wake = threading.Event()
+    listener = (
+        None
+        if database.is_sqlite
+        else FeedListener(conninfo(database.url), wake, LISTENER_CONNECT_TIMEOUT_SECONDS)
+    )
+    return FeedFollower(
+        SqlChangeFeed(database),
+        cache,
+        clock,
+        poll_seconds=settings.feed_poll_seconds,
+        max_staleness=settings.max_staleness_seconds,
+        retention=settings.feed_retention,
+        wake=wake,
+        listener=listener,
+        on_health=on_health,
+    )
+
+
+def build_services(
+    settings: Settings,
+    clock: Clock | None = None,
+    on_health: Callable[[bool], None] = lambda serving: None,
+) -> Services:
     clock = clock or SystemClock()
     database = open_database(settings.database_url, pool_size=settings.workers)
     if settings.migrate_on_start:
@@ -68,9 +128,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     key_format = KeyFormat(settings.key_prefix)
     catalog = load_catalog(settings.scopes_file)
     last_used = LastUsedRecorder(store, settings.last_used_flush_seconds)
+    follower = _follower(settings, database, cache, clock, on_health)
     verifier = Verifier(key_format, CachedKeyLookup(store, cache), catalog, clock, last_used)
     manager = KeyManager(store, catalog, key_format, clock, cache, settings.max_rotation_overlap)
-    return Services(settings, database, store, cache, last_used, verifier, manager)
+    return Services(settings, database, store, cache, last_used, follower, verifier, manager)
 
 
 def make_grpc_server(settings: Settings) -> grpc.Server:
@@ -87,16 +148,19 @@ class App:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.services = build_services(settings, self.clock)
+        self.health = health.HealthServicer()
+        self.services = build_services(settings, self.clock, self._set_health)
         self.server = make_grpc_server(settings)
         key_manager_pb2_grpc.add_KeyManagerServicer_to_server(
             KeyManagerServicer(self.services.manager, self.services.verifier, self.clock),
             self.server,
         )
         key_verifier_pb2_grpc.add_KeyVerifierServicer_to_server(
-            KeyVerifierServicer(self.services.verifier), self.server
+            KeyVerifierServicer(
+                self.services.verifier, self.services.changes, max(1, settings.workers // 2)
+            ),
+            self.server,
         )
-        self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         try:
@@ -106,19 +170,31 @@ class App:
             raise OSError(f"cannot listen on {settings.listen}: {error}") from error
 
     def start(self) -> None:
-        self.services.last_used.start()
+        self.services.start()
         self.server.start()
-        for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        follower = self.services.follower
+        self._set_health(follower.serving if follower is not None else True)
         log.info("apikeys server listening on %s (port %d)", self.settings.listen, self.port)
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish, flushes last-used times."""
+        if self.services.follower is not None:
+            self.services.follower.end_watches()  # streams would hold the drain to its end
         self.health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self.server.stop(grace).wait()
         self.services.close()
         log.info("apikeys server stopped")
+
+    def _set_health(self, serving: bool) -> None:
+        """SERVING while this process can answer Verify correctly (see the change feed)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
 
 
 def create_server(settings: Settings, clock: Clock | None = None) -> App:

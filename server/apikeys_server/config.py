@@ -20,13 +20,19 @@ class Settings:
     key_prefix: str = "ak"
     scopes_file: Path | None = None
     workers: int = 16
-    # Positive entries live at most cache_ttl_seconds: a revocation made on another replica
-    # is seen here within that time. Changes made here are evicted at once.
+    # Changes are evicted at once, here and (through the change feed) in every other process:
+    # the TTL is only a backstop.
     cache_size: int = 100_000
-    cache_ttl_seconds: float = 1.0
+    cache_ttl_seconds: float = 300.0
     negative_cache_size: int = 100_000
     negative_cache_ttl_seconds: float = 30.0
     last_used_flush_seconds: float = 5.0
+    # The change feed: read at least this often (PostgreSQL also wakes on NOTIFY); a cached
+    # answer is served only if the feed was confirmed read to its end within max_staleness.
+    follow_feed: bool = True
+    feed_poll_seconds: float = 0.25
+    max_staleness_seconds: float = 10.0
+    feed_retention: timedelta = field(default=timedelta(days=7))
     max_rotation_overlap: timedelta = field(default=timedelta(days=30))
     shutdown_grace_seconds: float = 10.0
     migrate_on_start: bool = True

@@ -28,7 +28,7 @@ class Harness:
         self.server = grpc_testing.server_from_dictionary(
             {
                 MANAGER: KeyManagerServicer(services.manager, services.verifier, clock),
-                VERIFIER: KeyVerifierServicer(services.verifier),
+                VERIFIER: KeyVerifierServicer(services.verifier, services.changes, 2),
             },
             grpc_testing.strict_real_time(),
         )

@@ -144,6 +144,9 @@ class TestScope:
         assert (message.name, message.description) == ("passes:read", "Read passes.")
 
 
+POSITION = 42
+
+
 class TestVerifyResponse:
     @pytest.mark.parametrize(
         ("result", "code"),
@@ -155,7 +158,7 @@ class TestVerifyResponse:
     )
     def test_keyless_answers(self, result: VerifyResult, code: int) -> None:
         """MISSING, MALFORMED and NOT_FOUND answer 401 and carry no key details."""
-        message = convert.verify_response(result)
+        message = convert.verify_response(result, POSITION)
         assert not message.valid
         assert message.code == code
         assert message.http_status == 401
@@ -163,10 +166,24 @@ class TestVerifyResponse:
         assert list(message.scopes) == []
         assert not message.HasField("expire_time")
 
+    @pytest.mark.parametrize(("result", "position"), [(MISSING, 0), (MALFORMED, 0), (NOT_FOUND, 7)])
+    def test_keyless_feed_position(self, result: VerifyResult, position: int) -> None:
+        """NOT_FOUND reflects the feed position; MISSING and MALFORMED depend on no state: 0."""
+        assert convert.verify_response(result, 7).feed_position == position
+        assert convert.verify_response(result, 8).feed_position == (position and 8)
+
+    def test_valid_answer_follows_the_feed_position(self) -> None:
+        """A reused VALID answer is rebuilt when the feed position moves."""
+        key = record()
+        first = convert.verify_response(VerifyResult(VerifyCode.VALID, key), 7)
+        assert convert.verify_response(VerifyResult(VerifyCode.VALID, key), 7) is first
+        later = convert.verify_response(VerifyResult(VerifyCode.VALID, key), 9)
+        assert (first.feed_position, later.feed_position) == (7, 9)
+
     def test_valid_answer(self) -> None:
         """VALID answers 200 with the key's id, tenant, name, sorted scopes and expiry."""
         key = record(expire_time=NOW + timedelta(days=1))
-        message = convert.verify_response(VerifyResult(VerifyCode.VALID, key))
+        message = convert.verify_response(VerifyResult(VerifyCode.VALID, key), POSITION)
         assert message.valid
         assert message.code == key_verifier_pb2.VERIFY_CODE_VALID
         assert message.http_status == 200
@@ -182,7 +199,7 @@ class TestVerifyResponse:
     def test_insufficient_scope_answer(self) -> None:
         """INSUFFICIENT_SCOPE answers 403 listing the missing scopes."""
         result = VerifyResult(VerifyCode.INSUFFICIENT_SCOPE, record(), ("a:b", "c:d"))
-        message = convert.verify_response(result)
+        message = convert.verify_response(result, POSITION)
         assert not message.valid
         assert message.code == key_verifier_pb2.VERIFY_CODE_INSUFFICIENT_SCOPE
         assert message.http_status == 403
@@ -197,7 +214,7 @@ class TestVerifyResponse:
     )
     def test_revoked_and_expired_answers(self, code: VerifyCode, proto_code: int) -> None:
         """REVOKED and EXPIRED answer 401 with the key identified."""
-        message = convert.verify_response(VerifyResult(code, record()))
+        message = convert.verify_response(VerifyResult(code, record()), POSITION)
         assert not message.valid
         assert message.code == proto_code
         assert message.http_status == 401
@@ -205,14 +222,15 @@ class TestVerifyResponse:
 
     def test_never_contains_secret_or_digest(self) -> None:
         """A Verify answer never carries the key or its digest."""
-        raw = convert.verify_response(VerifyResult(VerifyCode.VALID, record())).SerializeToString()
+        result = VerifyResult(VerifyCode.VALID, record())
+        raw = convert.verify_response(result, POSITION).SerializeToString()
         assert SECRET.encode() not in raw
         assert digest(SECRET) not in raw
 
     def test_every_code_maps(self) -> None:
         """Each domain VerifyCode has its proto code of the same name."""
         for code in VerifyCode:
-            message = convert.verify_response(VerifyResult(code, record()))
+            message = convert.verify_response(VerifyResult(code, record()), POSITION)
             assert key_verifier_pb2.VerifyCode.Name(message.code) == f"VERIFY_CODE_{code.name}"
 
 

@@ -22,22 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from apikeys.v1 import api_key_pb2 as apikeys_dot_v1_dot_api__key__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61pikeys/v1/key_verifier.proto\x12\napikeys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\rVerifyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x03 \x03(\t\"\xe4\x01\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12$\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x16.apikeys.v1.VerifyCode\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x16\n\x0emissing_scopes\x18\x08 \x03(\t\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xe5\x01\n\nVerifyCode\x12\x1b\n\x17VERIFY_CODE_UNSPECIFIED\x10\x00\x12\x15\n\x11VERIFY_CODE_VALID\x10\x01\x12\x17\n\x13VERIFY_CODE_MISSING\x10\x02\x12\x19\n\x15VERIFY_CODE_MALFORMED\x10\x03\x12\x19\n\x15VERIFY_CODE_NOT_FOUND\x10\x04\x12\x17\n\x13VERIFY_CODE_REVOKED\x10\x05\x12\x17\n\x13VERIFY_CODE_EXPIRED\x10\x06\x12\"\n\x1eVERIFY_CODE_INSUFFICIENT_SCOPE\x10\x07\x32N\n\x0bKeyVerifier\x12?\n\x06Verify\x12\x19.apikeys.v1.VerifyRequest\x1a\x1a.apikeys.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61pikeys/v1/key_verifier.proto\x12\napikeys.v1\x1a\x18\x61pikeys/v1/api_key.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\rVerifyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x03 \x03(\t\"\xfb\x01\n\x0eVerifyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12$\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x16.apikeys.v1.VerifyCode\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x16\n\x0emissing_scopes\x18\x08 \x03(\t\x12/\n\x0b\x65xpire_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfeed_position\x18\n \x01(\x03\"C\n\x16WatchKeyChangesRequest\x12\x16\n\x0e\x61\x66ter_position\x18\x01 \x01(\x03\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"\x91\x01\n\tKeyChange\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.apikeys.v1.EventAction\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x17WatchKeyChangesResponse\x12&\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x15.apikeys.v1.KeyChange\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\x30\n\x0c\x63onfirm_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xe5\x01\n\nVerifyCode\x12\x1b\n\x17VERIFY_CODE_UNSPECIFIED\x10\x00\x12\x15\n\x11VERIFY_CODE_VALID\x10\x01\x12\x17\n\x13VERIFY_CODE_MISSING\x10\x02\x12\x19\n\x15VERIFY_CODE_MALFORMED\x10\x03\x12\x19\n\x15VERIFY_CODE_NOT_FOUND\x10\x04\x12\x17\n\x13VERIFY_CODE_REVOKED\x10\x05\x12\x17\n\x13VERIFY_CODE_EXPIRED\x10\x06\x12\"\n\x1eVERIFY_CODE_INSUFFICIENT_SCOPE\x10\x07\x32\xac\x01\n\x0bKeyVerifier\x12?\n\x06Verify\x12\x19.apikeys.v1.VerifyRequest\x1a\x1a.apikeys.v1.VerifyResponse\x12\\\n\x0fWatchKeyChanges\x12\".apikeys.v1.WatchKeyChangesRequest\x1a#.apikeys.v1.WatchKeyChangesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apikeys.v1.key_verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERIFYCODE']._serialized_start=384
-  _globals['_VERIFYCODE']._serialized_end=613
-  _globals['_VERIFYREQUEST']._serialized_start=78
-  _globals['_VERIFYREQUEST']._serialized_end=150
-  _globals['_VERIFYRESPONSE']._serialized_start=153
-  _globals['_VERIFYRESPONSE']._serialized_end=381
-  _globals['_KEYVERIFIER']._serialized_start=615
-  _globals['_KEYVERIFIER']._serialized_end=693
+  _globals['_VERIFYCODE']._serialized_start=786
+  _globals['_VERIFYCODE']._serialized_end=1015
+  _globals['_VERIFYREQUEST']._serialized_start=104
+  _globals['_VERIFYREQUEST']._serialized_end=176
+  _globals['_VERIFYRESPONSE']._serialized_start=179
+  _globals['_VERIFYRESPONSE']._serialized_end=430
+  _globals['_WATCHKEYCHANGESREQUEST']._serialized_start=432
+  _globals['_WATCHKEYCHANGESREQUEST']._serialized_end=499
+  _globals['_KEYCHANGE']._serialized_start=502
+  _globals['_KEYCHANGE']._serialized_end=647
+  _globals['_WATCHKEYCHANGESRESPONSE']._serialized_start=650
+  _globals['_WATCHKEYCHANGESRESPONSE']._serialized_end=783
+  _globals['_KEYVERIFIER']._serialized_start=1018
+  _globals['_KEYVERIFIER']._serialized_end=1190
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from apikeys.v1 import api_key_pb2 as _api_key_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -105,6 +106,7 @@ class VerifyResponse(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     MISSING_SCOPES_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    FEED_POSITION_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     code: Global___VerifyCode.ValueType
     http_status: _builtins.int
@@ -113,6 +115,12 @@ class VerifyResponse(_message.Message):
     """The fields below are set when the key was found for this tenant."""
     tenant_id: _builtins.str
     name: _builtins.str
+    feed_position: _builtins.int
+    """How fresh the answer is: it reflects every key change up to this change-feed position
+    (compare with WatchKeyChanges positions). 0 for MISSING and MALFORMED, which depend on no
+    stored state, and on a server that does not follow the feed. A server never answers from
+    a cache it has not confirmed against the feed within APIKEYS_MAX_STALENESS_SECONDS.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -133,11 +141,109 @@ class VerifyResponse(_message.Message):
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         missing_scopes: _abc.Iterable[_builtins.str] | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        feed_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expire_time", b"expire_time", "http_status", b"http_status", "key_id", b"key_id", "missing_scopes", b"missing_scopes", "name", b"name", "scopes", b"scopes", "tenant_id", b"tenant_id", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expire_time", b"expire_time", "feed_position", b"feed_position", "http_status", b"http_status", "key_id", b"key_id", "missing_scopes", b"missing_scopes", "name", b"name", "scopes", b"scopes", "tenant_id", b"tenant_id", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class WatchKeyChangesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    after_position: _builtins.int
+    """Resume after this position (the `position` of the last message received).
+    0: from now on. A position the feed has already pruned is FAILED_PRECONDITION:
+    clear the cache and watch from 0.
+    """
+    tenant_id: _builtins.str
+    """Tenant keys: empty or their own tenant. Platform keys: one tenant, or empty for all."""
+    def __init__(
+        self,
+        *,
+        after_position: _builtins.int = ...,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKeyChangesRequest: _TypeAlias = WatchKeyChangesRequest  # noqa: Y015
+
+@_typing.final
+class KeyChange(_message.Message):
+    """One change to a key, as recorded in the change feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Grows with every change, in commit order."""
+    key_id: _builtins.str
+    tenant_id: _builtins.str
+    kind: _api_key_pb2.EventAction.ValueType
+    """What happened: EVENT_ACTION_CREATED, _UPDATED, _ROTATED or _REVOKED."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        kind: _api_key_pb2.EventAction.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "kind", b"kind", "position", b"position", "tenant_id", b"tenant_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyChange: _TypeAlias = KeyChange  # noqa: Y015
+
+@_typing.final
+class WatchKeyChangesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    CONFIRM_TIME_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Every change up to this position has been sent (those of the tenants watched).
+    Resume from it after a disconnection.
+    """
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyChange]:
+        """Changes after the previous message's position, in position order; empty in a heartbeat."""
+
+    @_builtins.property
+    def confirm_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server last confirmed it had applied the whole feed."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___KeyChange] | None = ...,
+        position: _builtins.int = ...,
+        confirm_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirm_time", b"confirm_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "confirm_time", b"confirm_time", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKeyChangesResponse: _TypeAlias = WatchKeyChangesResponse  # noqa: Y015

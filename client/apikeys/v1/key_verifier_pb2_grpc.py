@@ -41,6 +41,11 @@ class KeyVerifierStub:
                 request_serializer=apikeys_dot_v1_dot_key__verifier__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=apikeys_dot_v1_dot_key__verifier__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.WatchKeyChanges = channel.unary_stream(
+                '/apikeys.v1.KeyVerifier/WatchKeyChanges',
+                request_serializer=apikeys_dot_v1_dot_key__verifier__pb2.WatchKeyChangesRequest.SerializeToString,
+                response_deserializer=apikeys_dot_v1_dot_key__verifier__pb2.WatchKeyChangesResponse.FromString,
+                _registered_method=True)
 
 
 class KeyVerifierServicer:
@@ -56,6 +61,16 @@ class KeyVerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKeyChanges(self, request, context):
+        """Streams every change to a key (created, updated, rotated, revoked) from a position of the
+        change feed, for gateway-side caches to evict what changed. A message without changes is a
+        heartbeat, sent at least every second: a client that hears nothing for longer must stop
+        trusting its cache. Never carries a secret or a digest. Needs `apikeys:verify`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyVerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +78,11 @@ def add_KeyVerifierServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=apikeys_dot_v1_dot_key__verifier__pb2.VerifyRequest.FromString,
                     response_serializer=apikeys_dot_v1_dot_key__verifier__pb2.VerifyResponse.SerializeToString,
+            ),
+            'WatchKeyChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKeyChanges,
+                    request_deserializer=apikeys_dot_v1_dot_key__verifier__pb2.WatchKeyChangesRequest.FromString,
+                    response_serializer=apikeys_dot_v1_dot_key__verifier__pb2.WatchKeyChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -94,6 +114,33 @@ class KeyVerifier:
             '/apikeys.v1.KeyVerifier/Verify',
             apikeys_dot_v1_dot_key__verifier__pb2.VerifyRequest.SerializeToString,
             apikeys_dot_v1_dot_key__verifier__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKeyChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/apikeys.v1.KeyVerifier/WatchKeyChanges',
+            apikeys_dot_v1_dot_key__verifier__pb2.WatchKeyChangesRequest.SerializeToString,
+            apikeys_dot_v1_dot_key__verifier__pb2.WatchKeyChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class KeyVerifierStub:
     """A key that fails verification is an ordinary answer with valid=false;
     gRPC errors are reserved for a bad request or an unauthorised caller.
     """
+    WatchKeyChanges: _grpc.UnaryStreamMultiCallable[_key_verifier_pb2.WatchKeyChangesRequest, _key_verifier_pb2.WatchKeyChangesResponse]
+    """Streams every change to a key (created, updated, rotated, revoked) from a position of the
+    change feed, for gateway-side caches to evict what changed. A message without changes is a
+    heartbeat, sent at least every second: a client that hears nothing for longer must stop
+    trusting its cache. Never carries a secret or a digest. Needs `apikeys:verify`.
+    """
 
 @_typing.type_check_only
 class KeyVerifierAsyncStub(KeyVerifierStub):
@@ -50,6 +56,12 @@ class KeyVerifierAsyncStub(KeyVerifierStub):
     Verify: _aio.UnaryUnaryMultiCallable[_key_verifier_pb2.VerifyRequest, _key_verifier_pb2.VerifyResponse]  # type: ignore[assignment]
     """A key that fails verification is an ordinary answer with valid=false;
     gRPC errors are reserved for a bad request or an unauthorised caller.
+    """
+    WatchKeyChanges: _aio.UnaryStreamMultiCallable[_key_verifier_pb2.WatchKeyChangesRequest, _key_verifier_pb2.WatchKeyChangesResponse]  # type: ignore[assignment]
+    """Streams every change to a key (created, updated, rotated, revoked) from a position of the
+    change feed, for gateway-side caches to evict what changed. A message without changes is a
+    heartbeat, sent at least every second: a client that hears nothing for longer must stop
+    trusting its cache. Never carries a secret or a digest. Needs `apikeys:verify`.
     """
 
 class KeyVerifierServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +77,18 @@ class KeyVerifierServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_key_verifier_pb2.VerifyResponse, _abc.Awaitable[_key_verifier_pb2.VerifyResponse]]:
         """A key that fails verification is an ordinary answer with valid=false;
         gRPC errors are reserved for a bad request or an unauthorised caller.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchKeyChanges(
+        self,
+        request: _key_verifier_pb2.WatchKeyChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_key_verifier_pb2.WatchKeyChangesResponse], _abc.AsyncIterator[_key_verifier_pb2.WatchKeyChangesResponse]]:
+        """Streams every change to a key (created, updated, rotated, revoked) from a position of the
+        change feed, for gateway-side caches to evict what changed. A message without changes is a
+        heartbeat, sent at least every second: a client that hears nothing for longer must stop
+        trusting its cache. Never carries a secret or a digest. Needs `apikeys:verify`.
         """
 
 def add_KeyVerifierServicer_to_server(servicer: KeyVerifierServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ DomainError
 ├── PermissionDenied     the caller's key lacks the scope or the tenant
 ├── NotFound             no such key for this tenant (also another tenant's key)
 ├── FailedPrecondition   the key's state forbids the change (revoked, already rotated)
+├── ResourceExhausted    a limit of this server is reached; retry later or elsewhere
 └── Unavailable          the database cannot be reached; retry later
 """
 
@@ -31,6 +32,10 @@ class NotFound(DomainError):
 
 
 class FailedPrecondition(DomainError):
+    pass
+
+
+class ResourceExhausted(DomainError):
     pass
 
 

@@ -1,7 +1,8 @@
 """Key management: create, read, list, update, rotate, revoke, and the audit trail.
 
-Each write runs in one transaction with its audit event, then evicts the key from every cache
-before returning, so the next Verify served here sees the change.
+Each write runs in one transaction with its audit event and its change-feed entry, then evicts
+the key from this process's cache before returning, so the next Verify served here sees the
+change; other processes learn of it from the feed.
 """
 
 import base64
@@ -118,12 +119,11 @@ class KeyManager:
         if expire_time is not None and expire_time <= now:
             raise InvalidArgument("expire_time must be in the future")
         issued = self._issue(tenant, name, granted, expire_time, now)
-        event = self._event(
-            issued.key, EventAction.CREATED, actor_key_id, now, self._created(issued.key)
-        )
         with self._store.transaction() as tx:
             tx.insert_key(issued.key)
-            tx.insert_event(event)
+            self._record(
+                tx, issued.key, EventAction.CREATED, actor_key_id, now, self._created(issued.key)
+            )
         self._invalidation.evict(issued.key.digest)
         return issued
 
@@ -212,7 +212,7 @@ class KeyManager:
             if not changes:
                 return key
             tx.update_key(updated)
-            tx.insert_event(self._event(key, EventAction.UPDATED, caller.key_id, now, changes))
+            self._record(tx, key, EventAction.UPDATED, caller.key_id, now, changes)
         self._invalidation.evict(key.digest)
         return updated
 
@@ -236,13 +236,11 @@ class KeyManager:
             previous = replace(old, replaced_by=issued.key.id, expire_time=end)
             tx.insert_key(issued.key)
             tx.update_key(previous)
-            tx.insert_event(
-                self._event(
-                    issued.key, EventAction.CREATED, caller.key_id, now, self._created(issued.key)
-                )
+            self._record(
+                tx, issued.key, EventAction.CREATED, caller.key_id, now, self._created(issued.key)
             )
-            tx.insert_event(
-                self._event(old, EventAction.ROTATED, caller.key_id, now, self._diff(old, previous))
+            self._record(
+                tx, old, EventAction.ROTATED, caller.key_id, now, self._diff(old, previous)
             )
         self._invalidation.evict(old.digest)
         self._invalidation.evict(issued.key.digest)
@@ -262,9 +260,7 @@ class KeyManager:
                 return key  # idempotent: already revoked, nothing changes, no event
             revoked = replace(key, revoke_time=now, revoke_reason=reason)
             tx.update_key(revoked)
-            tx.insert_event(
-                self._event(key, EventAction.REVOKED, caller.key_id, now, self._diff(key, revoked))
-            )
+            self._record(tx, key, EventAction.REVOKED, caller.key_id, now, self._diff(key, revoked))
         self._invalidation.evict(key.digest)
         return revoked
 
@@ -343,14 +339,18 @@ class KeyManager:
         return tuple(changes)
 
     @staticmethod
-    def _event(
+    def _record(
+        tx: KeyWriter,
         key: KeyRecord,
         action: EventAction,
         actor_key_id: str,
         now: datetime,
         changes: tuple[FieldChange, ...],
-    ) -> KeyEvent:
-        return KeyEvent(new_id("evt"), now, key.tenant_id, key.id, action, actor_key_id, changes)
+    ) -> None:
+        """Every change to a key is one audit event and one entry of the change feed."""
+        event = KeyEvent(new_id("evt"), now, key.tenant_id, key.id, action, actor_key_id, changes)
+        tx.insert_event(event)
+        tx.record_change(key, action, now)
 
     @staticmethod
     def _page(

@@ -1,13 +1,13 @@
 """What the domain needs from storage and infrastructure, as protocols (implemented in storage/)."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from apikeys_server.domain.pagination import Cursor
-from apikeys_server.domain.records import KeyEvent, KeyRecord
+from apikeys_server.domain.records import EventAction, KeyChange, KeyEvent, KeyRecord
 
 
 class KeyLookup(Protocol):
@@ -42,6 +42,10 @@ class KeyWriter(Protocol):
 
     def insert_event(self, event: KeyEvent) -> None: ...
 
+    def record_change(self, key: KeyRecord, kind: EventAction, time: datetime) -> None:
+        """Adds the change to the feed, committed with the transaction (and only then)."""
+        ...
+
 
 class KeyStore(KeyLookup, Protocol):
     def get_key(self, tenant_id: str, key_id: str) -> KeyRecord | None: ...
@@ -55,3 +59,50 @@ class KeyStore(KeyLookup, Protocol):
     def transaction(self) -> AbstractContextManager[KeyWriter]: ...
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FeedBatch:
+    """Changes after a position, in position order, and how far the feed has been pruned."""
+
+    changes: list[KeyChange]
+    pruned_through: int
+
+
+class ChangeFeed(Protocol):
+    """The change feed as its consumers read it."""
+
+    def head(self) -> int:
+        """The highest committed position (or the pruned horizon of an empty feed)."""
+        ...
+
+    def read_changes(self, after: int, limit: int) -> FeedBatch: ...
+
+    def prune(self, before: datetime) -> int:
+        """Deletes changes recorded before ``before``; returns how many."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FeedUpdate:
+    """Changes after a watcher's position and the position they bring it to; a heartbeat
+    has no changes. ``confirm_time``: when the server last confirmed it had the whole feed."""
+
+    changes: list[KeyChange]
+    position: int
+    confirm_time: datetime
+
+
+class ChangeSource(Protocol):
+    """The change feed as this process has applied it (the follower)."""
+
+    @property
+    def position(self) -> int: ...
+
+    def head(self) -> int:
+        """The feed's head in the database."""
+        ...
+
+    def updates(
+        self, after: int, heartbeat: float, active: Callable[[], bool]
+    ) -> Iterator[FeedUpdate]: ...

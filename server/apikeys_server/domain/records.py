@@ -43,6 +43,22 @@ class KeyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One committed change to a key, as the change feed records it.
+
+    ``position`` only grows, in commit order. ``digest`` is for evicting caches inside the
+    service; it never leaves the process (the watch stream sends everything else).
+    """
+
+    position: int
+    time: datetime
+    tenant_id: str
+    key_id: str
+    kind: EventAction
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class FieldChange:
     field: str
     old_value: str

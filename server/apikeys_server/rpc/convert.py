@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeys.v1 import api_key_pb2, key_verifier_pb2
 from apikeys_server.domain.errors import InvalidArgument
+from apikeys_server.domain.ports import FeedUpdate
 from apikeys_server.domain.records import EventAction, KeyEvent, KeyRecord, KeyState
 from apikeys_server.domain.scopes import Scope
 from apikeys_server.domain.verification import VerifyCode, VerifyResult
@@ -101,24 +102,32 @@ def scope(item: Scope) -> api_key_pb2.Scope:
     return api_key_pb2.Scope(name=item.name, description=item.description)
 
 
-def verify_response(result: VerifyResult) -> key_verifier_pb2.VerifyResponse:
-    """The answer to Verify. Answers are shared read-only messages where they can be."""
+def verify_response(result: VerifyResult, position: int) -> key_verifier_pb2.VerifyResponse:
+    """The answer to Verify, reflecting the feed up to ``position``.
+
+    Answers are shared read-only messages where they can be: rebuilt only when the record or
+    the feed position changed.
+    """
     key = result.key
     if key is None:
-        return _KEYLESS[result.code]
+        if result.code is VerifyCode.NOT_FOUND:
+            return _not_found(position)
+        return _STATELESS[result.code]
     if result.code is not VerifyCode.VALID or result.missing_scopes:
-        return _keyed_response(result, key)
+        return _keyed_response(result, key, position)
     known = _VALID_ANSWERS.get(key.digest)
-    if known is not None and known[0] is key:
-        return known[1]
-    response = _keyed_response(result, key)
+    if known is not None and known[0] is key and known[1] == position:
+        return known[2]
+    response = _keyed_response(result, key, position)
     if len(_VALID_ANSWERS) >= _VALID_ANSWERS_MAX:
         _VALID_ANSWERS.clear()
-    _VALID_ANSWERS[key.digest] = (key, response)
+    _VALID_ANSWERS[key.digest] = (key, position, response)
     return response
 
 
-def _keyed_response(result: VerifyResult, key: KeyRecord) -> key_verifier_pb2.VerifyResponse:
+def _keyed_response(
+    result: VerifyResult, key: KeyRecord, position: int
+) -> key_verifier_pb2.VerifyResponse:
     response = key_verifier_pb2.VerifyResponse(
         valid=result.valid,
         code=_CODE[result.code],
@@ -128,22 +137,62 @@ def _keyed_response(result: VerifyResult, key: KeyRecord) -> key_verifier_pb2.Ve
         name=key.name,
         scopes=sorted(key.scopes),
         missing_scopes=result.missing_scopes,
+        feed_position=position,
     )
     if key.expire_time is not None:
         response.expire_time.CopyFrom(timestamp(key.expire_time))
     return response
 
 
-# The VALID answer of each recently verified key, built once per record: a cache hit then
-# builds no message. Keyed by digest and checked by identity, so a changed key (a new record,
-# evicted from the cache) never gets an old answer. Bounded: starts over when full.
-_VALID_ANSWERS: dict[bytes, tuple[KeyRecord, key_verifier_pb2.VerifyResponse]] = {}
+def _not_found(position: int) -> key_verifier_pb2.VerifyResponse:
+    global _not_found_answer
+    known_position, known = _not_found_answer
+    if known_position == position:
+        return known
+    response = key_verifier_pb2.VerifyResponse(
+        valid=False,
+        code=_CODE[VerifyCode.NOT_FOUND],
+        http_status=VerifyCode.NOT_FOUND.http_status,
+        feed_position=position,
+    )
+    _not_found_answer = (position, response)
+    return response
+
+
+# The VALID answer of each recently verified key, built once per record and feed position: a
+# cache hit then builds no message. Keyed by digest and checked by identity, so a changed key
+# (a new record, evicted from the cache) never gets an old answer. Bounded: starts over when
+# full.
+_VALID_ANSWERS: dict[bytes, tuple[KeyRecord, int, key_verifier_pb2.VerifyResponse]] = {}
 _VALID_ANSWERS_MAX = 2048  # each answer message holds ~1.6 KB
 
-# Answers that carry no key are constant: built once, shared read-only by every call.
-_KEYLESS = {
+# The NOT_FOUND answer at the latest position, replaced whole (one tuple: threads read it).
+_not_found_answer: tuple[int, key_verifier_pb2.VerifyResponse] = (
+    -1,
+    key_verifier_pb2.VerifyResponse(),
+)
+
+# Answers decided without any stored state are constant: built once, shared read-only.
+_STATELESS = {
     code: key_verifier_pb2.VerifyResponse(
         valid=False, code=_CODE[code], http_status=code.http_status
     )
-    for code in (VerifyCode.MISSING, VerifyCode.MALFORMED, VerifyCode.NOT_FOUND)
+    for code in (VerifyCode.MISSING, VerifyCode.MALFORMED)
 }
+
+
+def feed_update(update: FeedUpdate) -> key_verifier_pb2.WatchKeyChangesResponse:
+    return key_verifier_pb2.WatchKeyChangesResponse(
+        changes=[
+            key_verifier_pb2.KeyChange(
+                position=change.position,
+                key_id=change.key_id,
+                tenant_id=change.tenant_id,
+                kind=_ACTION[change.kind],
+                time=timestamp(change.time),
+            )
+            for change in update.changes
+        ],
+        position=update.position,
+        confirm_time=timestamp(update.confirm_time),
+    )

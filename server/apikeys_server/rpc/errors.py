@@ -2,7 +2,7 @@
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
 import grpc
@@ -17,6 +17,7 @@ STATUS_OF: Final[dict[type[errors.DomainError], grpc.StatusCode]] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -35,6 +36,29 @@ def status_errors(
     def wrapper(self: Servicer, request: Request, context: grpc.ServicerContext) -> Response:
         try:
             return handler(self, request, context)
+        except errors.DomainError as error:
+            context.abort(STATUS_OF[type(error)], str(error))
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    return wrapper
+
+
+StreamHandler = Callable[[Servicer, Request, grpc.ServicerContext], Iterator[Response]]
+
+
+def stream_status_errors(
+    handler: StreamHandler[Servicer, Request, Response],
+) -> StreamHandler[Servicer, Request, Response]:
+    """``status_errors`` for server-streaming handlers (errors raised while iterating too)."""
+
+    @functools.wraps(handler)
+    def wrapper(
+        self: Servicer, request: Request, context: grpc.ServicerContext
+    ) -> Iterator[Response]:
+        try:
+            yield from handler(self, request, context)
         except errors.DomainError as error:
             context.abort(STATUS_OF[type(error)], str(error))
         except Exception:

@@ -4,11 +4,12 @@ Positive entries (a record) and negative ones (no such key) live in separate bou
 so a flood of unknown keys can never push valid keys out. Entries are immutable records.
 
 Invalidation is one call, ``evict(digest)``: this process calls it after each change it
-commits, and a listener for other processes' changes can call the same. A generation counter
-closes the race where a lookup that started before a change stores its stale answer after the
-eviction: such an answer is returned to its caller but never cached.
+commits, and the change-feed follower calls it for every change any process commits. A
+generation counter closes the race where a lookup that started before a change stores its
+stale answer after the eviction: such an answer is returned to its caller but never cached.
 """
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -44,18 +45,15 @@ class _TtlLru(Generic[V]):
         self._ttl = ttl
         self._timer = timer
 
-    def get(self, key: bytes) -> V | _Miss:
+    def get(self, key: bytes, now: float) -> V | _Miss:
         """The live value, marked as just used; MISS when absent or expired."""
         entry = self._entries.get(key)
         if entry is None:
             return MISS
-        if self._timer() < entry[1]:
+        if now < entry[1]:
             return entry[0]
         del self._entries[key]
         return MISS
-
-    def __contains__(self, key: bytes) -> bool:
-        return self.get(key) is not MISS
 
     def put(self, key: bytes, value: V) -> None:
         self._entries[key] = (value, self._timer() + self._ttl)
@@ -73,6 +71,13 @@ class _TtlLru(Generic[V]):
 
 
 class KeyCache:
+    """Both caches under one lock, trusted only while the change feed vouches for them.
+
+    ``trust_until`` is moved forward by the feed follower each time it confirms it has applied
+    every change; past it, every read is a miss and Verify goes to the database. Without a
+    follower (``trust_until`` never called) entries are trusted for their TTL alone.
+    """
+
     def __init__(
         self,
         maxsize: int,
@@ -91,18 +96,27 @@ class KeyCache:
             else None
         )
         self._generation = 0
+        self._timer = timer
+        self._trusted_until = math.inf
+
+    def trust_until(self, deadline: float) -> None:
+        """Entries may be served until ``deadline`` (on this cache's timer), no longer."""
+        self._trusted_until = deadline
 
     @property
     def generation(self) -> int:
         return self._generation
 
     def get(self, digest: bytes) -> KeyRecord | _Miss | None:
+        now = self._timer()
+        if now > self._trusted_until:
+            return MISS
         with self._lock:
             if self._positive is not None:
-                record = self._positive.get(digest)
+                record = self._positive.get(digest, now)
                 if record is not MISS:
                     return record
-            if self._negative is not None and digest in self._negative:
+            if self._negative is not None and self._negative.get(digest, now) is not MISS:
                 return None
         return MISS
 

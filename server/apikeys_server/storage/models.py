@@ -3,7 +3,17 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, Index, LargeBinary, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -73,5 +83,37 @@ class KeyEventRow(Base):
     )
 
 
+# SQLite: an INTEGER PRIMARY KEY with AUTOINCREMENT, so a position is never reused once the
+# newest rows are pruned; PostgreSQL: a BIGINT identity.
+FeedPosition = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class KeyChangeRow(Base):
+    """The change feed (a transactional outbox): one row per committed change to a key."""
+
+    __tablename__ = "key_changes"
+
+    position: Mapped[int] = mapped_column(FeedPosition, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(16))
+    # SHA-256 of the key, for evicting caches; never sent outside the service.
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32))
+
+    __table_args__ = (Index("ix_key_changes_time", "time"), {"sqlite_autoincrement": True})
+
+
+class FeedHorizonRow(Base):
+    """One row: every position at or below ``pruned_through`` may have been pruned."""
+
+    __tablename__ = "key_changes_horizon"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    pruned_through: Mapped[int] = mapped_column(BigInteger)
+
+
 api_keys: Table = ApiKeyRow.__table__  # type: ignore[assignment]
 key_events: Table = KeyEventRow.__table__  # type: ignore[assignment]
+key_changes: Table = KeyChangeRow.__table__  # type: ignore[assignment]
+feed_horizon: Table = FeedHorizonRow.__table__  # type: ignore[assignment]

@@ -19,14 +19,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apikeys_server.domain.errors import FailedPrecondition, Unavailable
 from apikeys_server.domain.pagination import Cursor
 from apikeys_server.domain.ports import KeyQuery
 from apikeys_server.domain.records import EventAction, FieldChange, KeyEvent, KeyRecord
 from apikeys_server.storage.database import Database
+from apikeys_server.storage.errors import database_errors
+from apikeys_server.storage.feed import append_changes, change_row
 from apikeys_server.storage.models import api_keys, key_events
 
 _KEY_COLUMNS = (
@@ -167,21 +166,11 @@ def _newest_first_after(
     return statement.order_by(time_col.desc(), id_col.desc())
 
 
-@contextmanager
-def _database_errors() -> Iterator[None]:
-    """Connection trouble becomes UNAVAILABLE: callers fail closed and may retry."""
-    try:
-        yield
-    except IntegrityError as error:
-        raise FailedPrecondition("the change conflicts with a concurrent one; retry") from error
-    except (OperationalError, DBAPIError, PoolTimeout) as error:
-        raise Unavailable("the key database is unavailable; retry later") from error
-
-
 class SqlTransaction:
     def __init__(self, connection: Connection, for_update: bool) -> None:
         self._connection = connection
         self._for_update = for_update
+        self.changes: list[dict[str, Any]] = []
 
     def get_key_for_update(self, tenant_id: str, key_id: str) -> KeyRecord | None:
         statement = _BY_ID.with_for_update() if self._for_update else _BY_ID
@@ -216,15 +205,20 @@ class SqlTransaction:
             },
         )
 
+    def record_change(self, key: KeyRecord, kind: EventAction, time: datetime) -> None:
+        # Appended at the end of the transaction: see storage/feed.py for why.
+        self.changes.append(change_row(key.id, key.tenant_id, key.digest, kind, time))
+
 
 class SqlKeyStore:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, serialize_feed: bool = True) -> None:
         self._database = database
         self._read = database.read_engine
         self._write = database.write_engine
         # SQLite serialises writers with BEGIN IMMEDIATE; PostgreSQL locks the row.
         self._for_update = not database.is_sqlite
         self._by_digest = _DigestLookup(self._read)
+        self._serialize_feed = serialize_feed
 
     def find_by_digest(self, digest: bytes) -> KeyRecord | None:
         """The Verify lookup on a cache miss: one round trip, no transaction, no Result object.
@@ -236,7 +230,7 @@ class SqlKeyStore:
         """
         lookup = self._by_digest
         try:
-            with _database_errors():
+            with database_errors():
                 connection = self._read.raw_connection()
         except lookup.driver_error:
             return self._find_by_digest_via_connection(digest)
@@ -256,12 +250,12 @@ class SqlKeyStore:
         return None if row is None else lookup.record(row, digest)
 
     def _find_by_digest_via_connection(self, digest: bytes) -> KeyRecord | None:
-        with _database_errors(), self._read.connect() as connection:
+        with database_errors(), self._read.connect() as connection:
             row = connection.execute(_BY_DIGEST, {"digest": digest}).first()
         return None if row is None else _to_record(row)
 
     def get_key(self, tenant_id: str, key_id: str) -> KeyRecord | None:
-        with _database_errors(), self._read.connect() as connection:
+        with database_errors(), self._read.connect() as connection:
             row = connection.execute(_BY_ID, {"tenant_id": tenant_id, "key_id": key_id}).first()
         return None if row is None else _to_record(row)
 
@@ -276,7 +270,7 @@ class SqlKeyStore:
                 func.substr(api_keys.c.name, 1, len(query.name_prefix)) == query.name_prefix,
             )
         statement = _newest_first_after(statement, api_keys.c.create_time, api_keys.c.id, after)
-        with _database_errors(), self._read.connect() as connection:
+        with database_errors(), self._read.connect() as connection:
             rows = connection.execute(statement.limit(limit)).all()
         return [_to_record(row) for row in rows]
 
@@ -287,18 +281,20 @@ class SqlKeyStore:
         if key_id is not None:
             statement = statement.where(key_events.c.key_id == key_id)
         statement = _newest_first_after(statement, key_events.c.time, key_events.c.id, after)
-        with _database_errors(), self._read.connect() as connection:
+        with database_errors(), self._read.connect() as connection:
             rows = connection.execute(statement.limit(limit)).all()
         return [_to_event(row) for row in rows]
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:
-        with _database_errors(), self._write.begin() as connection:
-            yield SqlTransaction(connection, self._for_update)
+        with database_errors(), self._write.begin() as connection:
+            tx = SqlTransaction(connection, self._for_update)
+            yield tx
+            append_changes(connection, tx.changes, self._serialize_feed)
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None:
         if not used:
             return
         params = [{"key_id": key_id, "used": when} for key_id, when in used.items()]
-        with _database_errors(), self._write.begin() as connection:
+        with database_errors(), self._write.begin() as connection:
             connection.execute(_TOUCH, params)
