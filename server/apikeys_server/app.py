@@ -24,7 +24,7 @@ from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
 from apikeys_server.storage import migrate
 from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
-from apikeys_server.storage.database import Database, open_database
+from apikeys_server.storage.database import Database, DatabaseTimeouts, open_database
 from apikeys_server.storage.last_used import LastUsedRecorder
 from apikeys_server.storage.repository import SqlKeyStore
 
@@ -55,7 +55,7 @@ class Services:
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
-    database = open_database(settings.database_url, pool_size=settings.workers)
+    database = open_database(settings.database_url, settings.workers, DatabaseTimeouts.of(settings))
     if settings.migrate_on_start:
         migrate.upgrade(database)
     store = SqlKeyStore(database)
