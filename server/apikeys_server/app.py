@@ -27,7 +27,7 @@ from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
 from apikeys_server.storage import migrate
 from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
-from apikeys_server.storage.database import Database, open_database
+from apikeys_server.storage.database import Database, DatabaseTimeouts, open_database
 from apikeys_server.storage.feed import SqlChangeFeed
 from apikeys_server.storage.follower import FeedFollower, NotFollowing
 from apikeys_server.storage.last_used import LastUsedRecorder
@@ -73,10 +73,6 @@ class Services:
         self.database.dispose()
 
 
-# A connection for the feed listener may be established within this (libpq's minimum).
-LISTENER_CONNECT_TIMEOUT_SECONDS = 2.0
-
-
 def _follower(
     settings: Settings,
     database: Database,
@@ -94,7 +90,7 @@ def _follower(
     listener = (
         None
         if database.is_sqlite
-        else FeedListener(conninfo(database.url), wake, LISTENER_CONNECT_TIMEOUT_SECONDS)
+        else FeedListener(conninfo(database.url), wake, settings.db_connect_timeout_seconds)
     )
     return FeedFollower(
         SqlChangeFeed(database),
@@ -115,7 +111,7 @@ def build_services(
     on_health: Callable[[bool], None] = lambda serving: None,
 ) -> Services:
     clock = clock or SystemClock()
-    database = open_database(settings.database_url, pool_size=settings.workers)
+    database = open_database(settings.database_url, settings.workers, DatabaseTimeouts.of(settings))
     if settings.migrate_on_start:
         migrate.upgrade(database)
     store = SqlKeyStore(database)

@@ -19,7 +19,7 @@ from apikeys_server.domain import scopes
 from apikeys_server.domain.errors import DomainError
 from apikeys_server.domain.validation import PLATFORM_TENANT
 from apikeys_server.storage import migrate
-from apikeys_server.storage.database import open_database
+from apikeys_server.storage.database import DatabaseTimeouts, open_database
 
 ADMIN_SCOPES = (scopes.MANAGE, scopes.READ, scopes.VERIFY)
 
@@ -105,6 +105,14 @@ def _database_problem(settings: Settings, error: Exception) -> str:
 
 def _serve(settings: Settings) -> int:
     app = create_server(settings)
+    if not settings.migrate_on_start:
+        # Migrating proved the database reachable; without it, check before reporting SERVING,
+        # so a wrong address or a dead path fails the start instead of every later call.
+        try:
+            app.services.database.check_reachable()
+        except BaseException:
+            app.services.close()
+            raise
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -123,7 +131,7 @@ def _serve(settings: Settings) -> int:
 
 
 def _migrate(settings: Settings) -> int:
-    database = open_database(settings.database_url)
+    database = open_database(settings.database_url, timeouts=DatabaseTimeouts.of(settings))
     try:
         migrate.upgrade(database)
     finally:

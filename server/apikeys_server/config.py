@@ -3,6 +3,7 @@
 Nothing else in the server reads ``os.environ``.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
@@ -37,6 +38,19 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     migrate_on_start: bool = True
     log_level: str = "INFO"
+    # Bounds on each database operation, so a lost or silent database answers UNAVAILABLE
+    # quickly instead of holding calls (and shutdown) for minutes. See storage/database.py.
+    db_connect_timeout_seconds: float = 2.0
+    db_read_timeout_seconds: float = 2.0
+    db_write_timeout_seconds: float = 5.0
+    db_pool_timeout_seconds: float = 1.0
+    db_watchdog: bool = True
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_SECONDS:
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}={value!r} must be positive seconds")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
@@ -48,6 +62,14 @@ class Settings:
                 values[item.name] = _parse(item.name, item.type, raw)
         values.update({name: value for name, value in overrides.items() if value is not None})
         return replace(cls(), **values)
+
+
+_POSITIVE_SECONDS = (
+    "db_connect_timeout_seconds",
+    "db_read_timeout_seconds",
+    "db_write_timeout_seconds",
+    "db_pool_timeout_seconds",
+)
 
 
 def _parse(name: str, kind: Any, raw: str) -> Any:

@@ -147,3 +147,29 @@ class TestOverrides:
         """An override naming no field is a programming error, raised at once."""
         with pytest.raises(TypeError):
             Settings.from_env({}, no_such_setting=1)
+
+
+class TestDatabaseBounds:
+    def test_defaults_bound_verify_lookups_to_two_seconds(self) -> None:
+        """A lost database answers a Verify lookup within about 2 s by default."""
+        settings = Settings()
+        assert settings.db_connect_timeout_seconds <= 2
+        assert settings.db_read_timeout_seconds <= 2
+        assert settings.db_write_timeout_seconds == 5
+        assert settings.db_pool_timeout_seconds <= 2
+        assert settings.db_watchdog is True
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "APIKEYS_DB_CONNECT_TIMEOUT_SECONDS",
+            "APIKEYS_DB_READ_TIMEOUT_SECONDS",
+            "APIKEYS_DB_WRITE_TIMEOUT_SECONDS",
+            "APIKEYS_DB_POOL_TIMEOUT_SECONDS",
+        ],
+    )
+    @pytest.mark.parametrize("raw", ["0", "-1", "inf", "nan"])
+    def test_bounds_must_be_positive_seconds(self, name: str, raw: str) -> None:
+        """Zero (no bound at all in libpq), negative, infinite or NaN bounds are refused."""
+        with pytest.raises(ValueError, match=name):
+            Settings.from_env({name: raw})

@@ -1,6 +1,7 @@
 """Last-used times: gathered in memory, flushed in batches, kept on failure."""
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
@@ -170,6 +171,34 @@ class TestLifecycle:
         finally:
             recorder.stop()
         assert store.batches[0] == {"key_a": T0}
+
+    def test_failed_flush_under_way_at_stop_is_the_last_try(self, store: FakeStore) -> None:
+        """A flush that fails after stop() began is not tried again: a dead database costs one
+        write bound at shutdown, not two."""
+        recorder = LastUsedRecorder(store, 0.01)  # type: ignore[arg-type]
+        recorder.record("key_a", T0)
+        writing, release = threading.Event(), threading.Event()
+        attempts: list[int] = []
+
+        def hold() -> None:
+            attempts.append(1)
+            writing.set()
+            release.wait(timeout=10)
+
+        store.during_write = hold
+        store.fail_next = 1
+        recorder.start()
+        assert writing.wait(timeout=10)
+        stopper = threading.Thread(target=recorder.stop)
+        stopper.start()
+        deadline = time.monotonic() + 10
+        while not recorder._stopping.is_set() and time.monotonic() < deadline:  # stop() began
+            time.sleep(0.001)
+        release.set()
+        stopper.join(timeout=10)
+        assert not stopper.is_alive()
+        assert attempts == [1]
+        assert store.batches == []
 
     def test_record_is_thread_safe(self, store: FakeStore, recorder: LastUsedRecorder) -> None:
         """Concurrent record() and flush() calls lose no key."""

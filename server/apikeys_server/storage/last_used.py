@@ -21,6 +21,7 @@ class LastUsedRecorder:
         self._lock = threading.Lock()
         self._pending: dict[str, datetime] = {}
         self._stopping = threading.Event()
+        self._failed_while_stopping = False
         self._thread: threading.Thread | None = None
 
     def record(self, key_id: str, when: datetime) -> None:
@@ -35,10 +36,20 @@ class LastUsedRecorder:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the flush thread, then writes what is left: one try, under the write bound.
+
+        A flush the thread had under way when stop came counts as that try if it failed, so
+        shutdown with a dead database waits one write bound, not two.
+        """
         self._stopping.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._failed_while_stopping:
+            with self._lock:
+                dropped = len(self._pending)
+            log.warning("last-used times of %d keys not written: database unavailable", dropped)
+            return
         self.flush()
 
     def flush(self) -> int:
@@ -50,6 +61,7 @@ class LastUsedRecorder:
         try:
             self._store.touch_last_used(batch)
         except Unavailable:
+            self._failed_while_stopping = self._stopping.is_set()
             log.warning("could not write last-used times of %d keys; will retry", len(batch))
             with self._lock:
                 for key_id, when in batch.items():

@@ -20,6 +20,7 @@ from sqlalchemy import (
     update,
 )
 
+from apikeys_server.domain.errors import Unavailable
 from apikeys_server.domain.pagination import Cursor
 from apikeys_server.domain.ports import KeyQuery
 from apikeys_server.domain.records import EventAction, FieldChange, KeyEvent, KeyRecord
@@ -27,6 +28,9 @@ from apikeys_server.storage.database import Database
 from apikeys_server.storage.errors import database_errors
 from apikeys_server.storage.feed import append_changes, change_row
 from apikeys_server.storage.models import api_keys, key_events
+
+# SQLSTATE query_canceled: the server's statement_timeout passed.
+_STATEMENT_TIMEOUT = "57014"
 
 _KEY_COLUMNS = (
     api_keys.c.id,
@@ -226,7 +230,9 @@ class SqlKeyStore:
         Runs the statement SQLAlchemy compiled once on a connection from the read engine's
         pool. Should the driver fail (a raw checkout leaves its errors unwrapped), the
         connection is discarded and the lookup runs once more the ordinary way, which maps
-        the error and handles a lost database as every other query does.
+        the error and handles a lost database as every other query does: a pooled connection
+        gone stale (the database restarted) costs one retry, not a failed Verify. A lookup
+        that failed because its read bound passed is not retried: that would double the wait.
         """
         lookup = self._by_digest
         try:
@@ -234,17 +240,23 @@ class SqlKeyStore:
                 connection = self._read.raw_connection()
         except lookup.driver_error:
             return self._find_by_digest_via_connection(digest)
-        failed = False
+        failed = timed_out = False
         try:
             cursor = connection.cursor()
             cursor.execute(lookup.sql, lookup.parameters(digest))
             row = cursor.fetchone()
             cursor.close()
-        except lookup.driver_error:
+        except lookup.driver_error as error:
+            timed_out = (
+                self._database.deadline_passed(connection.dbapi_connection)
+                or getattr(error, "sqlstate", None) == _STATEMENT_TIMEOUT
+            )
             connection.invalidate()
             failed = True
         finally:
             connection.close()
+        if timed_out:
+            raise Unavailable("the key database did not answer in time; retry later")
         if failed:
             return self._find_by_digest_via_connection(digest)
         return None if row is None else lookup.record(row, digest)
