@@ -26,6 +26,7 @@ from apikeys_server.domain.key_format import (
 )
 from apikeys_server.domain.manager import new_id
 from apikeys_server.domain.records import KeyRecord
+from apikeys_server.storage.feed import SqlChangeFeed
 from apikeys_server.storage.models import api_keys
 from apikeys_server.storage.repository import key_row
 
@@ -48,6 +49,7 @@ class BenchDatabase:
     caller: str  # the secret the load generator authenticates with (scope apikeys:verify)
     keys: list[BenchKey]  # the working set of valid keys of TENANT
     rows: int  # api_keys rows in all
+    feed_position: int  # the change feed's head: what a server's answers reflect
 
 
 def prepare(url: str, working_set: int, filler: int = 0) -> BenchDatabase:
@@ -75,9 +77,10 @@ def prepare(url: str, working_set: int, filler: int = 0) -> BenchDatabase:
                 connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
             else:
                 connection.exec_driver_sql("ANALYZE api_keys")
+        head = SqlChangeFeed(services.database).head()
     finally:
         services.close()
-    return BenchDatabase(url, caller.secret, keys, 1 + working_set + filler)
+    return BenchDatabase(url, caller.secret, keys, 1 + working_set + filler, head)
 
 
 def _new_key(name: str, now: datetime) -> BenchKey:

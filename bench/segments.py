@@ -35,11 +35,11 @@ GROUPS: tuple[tuple[str, ...], ...] = (
 def _scenarios(db: fixtures.BenchDatabase) -> dict[str, tuple[dict[str, str], Workload]]:
     hits = {"APIKEYS_DATABASE_URL": db.url, "APIKEYS_CACHE_TTL_SECONDS": "3600"}
     return {
-        "cache hit": (hits, workloads.valid(db.caller, db.keys)),
+        "cache hit": (hits, workloads.valid(db.caller, db.keys, db.feed_position)),
         "malformed key": (hits, workloads.malformed(db.caller, len(db.keys))),
         "cache miss, SQLite": (
             {"APIKEYS_DATABASE_URL": db.url, "APIKEYS_CACHE_SIZE": str(len(db.keys) // 10)},
-            workloads.valid(db.caller, db.keys),
+            workloads.valid(db.caller, db.keys, db.feed_position),
         ),
     }
 

@@ -28,7 +28,7 @@ def request(key: str) -> bytes:
     ).SerializeToString()
 
 
-def _valid_answer(key: BenchKey) -> bytes:
+def _valid_answer(key: BenchKey, position: int) -> bytes:
     # Built from the fixture's own data, not by the server's converter under test.
     return key_verifier_pb2.VerifyResponse(
         valid=True,
@@ -38,12 +38,13 @@ def _valid_answer(key: BenchKey) -> bytes:
         tenant_id=TENANT,
         name=key.record.name,
         scopes=sorted(GRANTED),
+        feed_position=position,
     ).SerializeToString()
 
 
-def _refused(code: "key_verifier_pb2.VerifyCode.ValueType") -> bytes:
+def _refused(code: "key_verifier_pb2.VerifyCode.ValueType", position: int = 0) -> bytes:
     return key_verifier_pb2.VerifyResponse(
-        valid=False, code=code, http_status=401
+        valid=False, code=code, http_status=401, feed_position=position
     ).SerializeToString()
 
 
@@ -51,8 +52,9 @@ def _cycle(calls: list[Call]) -> Callable[[int], list[Call]]:
     return lambda _count: calls
 
 
-def valid(caller: str, keys: list[BenchKey]) -> Workload:
-    calls = [(request(key.secret), _valid_answer(key)) for key in keys]
+def valid(caller: str, keys: list[BenchKey], position: int) -> Workload:
+    """``position``: the change-feed position the server's answers reflect."""
+    calls = [(request(key.secret), _valid_answer(key, position)) for key in keys]
     return Workload(caller, _cycle(calls), f"{len(keys)} valid keys, round robin")
 
 
@@ -73,16 +75,16 @@ def malformed(caller: str, count: int) -> Workload:
     return Workload(caller, _cycle([(request(key), answer) for key in keys]), f"{count} keys")
 
 
-def unknown(caller: str, count: int) -> Workload:
+def unknown(caller: str, count: int, position: int) -> Workload:
     """The same well-formed unknown keys again and again: the negative cache answers."""
-    answer = _refused(key_verifier_pb2.VERIFY_CODE_NOT_FOUND)
+    answer = _refused(key_verifier_pb2.VERIFY_CODE_NOT_FOUND, position)
     calls = [(request(key), answer) for key in unknown_keys(count)]
     return Workload(caller, _cycle(calls), f"{count} unknown keys, round robin")
 
 
-def unknown_fresh(caller: str) -> Workload:
+def unknown_fresh(caller: str, position: int) -> Workload:
     """A brute-force flood: a new well-formed key every call, so no cache can answer."""
-    answer = _refused(key_verifier_pb2.VERIFY_CODE_NOT_FOUND)
+    answer = _refused(key_verifier_pb2.VERIFY_CODE_NOT_FOUND, position)
 
     def make(count: int) -> list[Call]:
         return [(request(key), answer) for key in unknown_keys(count)]

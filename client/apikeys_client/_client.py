@@ -84,6 +84,23 @@ class ApiKeysClient:
         )
         return self._call(self._verifier.Verify, request)
 
+    def watch_key_changes(
+        self, after_position: int = 0, *, tenant_id: str = "", timeout: float | None = None
+    ) -> Iterator[key_verifier_pb2.WatchKeyChangesResponse]:
+        """Key changes after ``after_position`` (0: from now), then as they happen, with a
+        heartbeat (no changes) at least every second. Runs until ``timeout`` (None: until the
+        iterator is closed) or the server ends it."""
+        request = key_verifier_pb2.WatchKeyChangesRequest(
+            after_position=after_position, tenant_id=tenant_id
+        )
+        stream = self._verifier.WatchKeyChanges(request, metadata=self._metadata, timeout=timeout)
+        try:
+            yield from stream
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            stream.cancel()  # type: ignore[no-untyped-call]
+
     # -- management --------------------------------------------------------------------------
 
     def create_key(

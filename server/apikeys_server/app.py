@@ -105,6 +105,14 @@ def _follower(
     )
 
 
+def _evict_from(cache: KeyCache) -> Callable[[list[bytes], list[int]], None]:
+    def evict(digests: list[bytes], _positions: list[int]) -> None:
+        for digest in digests:
+            cache.evict(digest)
+
+    return evict
+
+
 def build_services(
     settings: Settings,
     clock: Clock | None = None,
@@ -114,19 +122,21 @@ def build_services(
     database = open_database(settings.database_url, settings.workers, DatabaseTimeouts.of(settings))
     if settings.migrate_on_start:
         migrate.upgrade(database)
-    store = SqlKeyStore(database)
     cache = KeyCache(
         settings.cache_size,
         settings.cache_ttl_seconds,
         settings.negative_cache_size,
         settings.negative_cache_ttl_seconds,
     )
+    follower = _follower(settings, database, cache, clock, on_health)
+    store = SqlKeyStore(
+        database, follower.committed_here if follower is not None else _evict_from(cache)
+    )
     key_format = KeyFormat(settings.key_prefix)
     catalog = load_catalog(settings.scopes_file)
     last_used = LastUsedRecorder(store, settings.last_used_flush_seconds)
-    follower = _follower(settings, database, cache, clock, on_health)
     verifier = Verifier(key_format, CachedKeyLookup(store, cache), catalog, clock, last_used)
-    manager = KeyManager(store, catalog, key_format, clock, cache, settings.max_rotation_overlap)
+    manager = KeyManager(store, catalog, key_format, clock, settings.max_rotation_overlap)
     return Services(settings, database, store, cache, last_used, follower, verifier, manager)
 
 

@@ -5,6 +5,7 @@ cached keys keep verifying, and the first call after the path returns succeeds.
 """
 
 import hashlib
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -189,3 +190,79 @@ class TestDigestLookup:
         assert isinstance(outcome, errors.Unavailable), outcome
         assert "in time" in str(outcome)
         assert 1.0 <= seconds <= 1.0 + SLACK
+
+
+STALENESS = 1.0  # APIKEYS_MAX_STALENESS_SECONDS in these tests
+FEED_READ_BOUND = 0.5
+CONNECT_BOUND = 2.0
+
+
+def _stale_server(proxy: TcpProxy, postgres_url: str, follow_feed: bool) -> Iterator[RunningServer]:
+    settings = server_settings(
+        through(proxy, postgres_url),
+        migrate_on_start=False,
+        cache_ttl_seconds=3600.0,
+        max_staleness_seconds=STALENESS,
+        feed_poll_seconds=0.1,
+        follow_feed=follow_feed,
+        db_read_timeout_seconds=FEED_READ_BOUND,
+    )
+    with running_server(settings) as server:
+        yield server
+        proxy.stop()
+
+
+@pytest.fixture
+def bounded_server(proxy: TcpProxy, postgres_url: str) -> Iterator[RunningServer]:
+    yield from _stale_server(proxy, postgres_url, follow_feed=True)
+
+
+@pytest.fixture
+def unbounded_server(proxy: TcpProxy, postgres_url: str) -> Iterator[RunningServer]:
+    yield from _stale_server(proxy, postgres_url, follow_feed=False)
+
+
+def _wait_health(server: RunningServer, status: int, bound: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < bound:
+        if _health(server) == status:
+            return time.monotonic() - started
+    return None
+
+
+class TestStalenessBound:
+    def test_cached_answers_stop_past_the_bound_and_return_with_the_database(
+        self, bounded_server: RunningServer, proxy: TcpProxy
+    ) -> None:
+        """Silence: cached keys answer until the feed has gone unconfirmed for the bound, then
+        UNAVAILABLE (never a possibly stale VALID) with health NOT_SERVING; both come back
+        within 2 s of the path returning."""
+        client = bounded_server.client()
+        cached, _, _ = _prepare(client)
+        proxy.blackhole()
+        assert client.verify(cached, SCOPES, tenant_id="acme").valid  # within the bound
+        waited = _wait_health(
+            bounded_server, health_pb2.HealthCheckResponse.NOT_SERVING, STALENESS + 2.0
+        )
+        assert waited is not None
+        outcome, seconds = timed(lambda: client.verify(cached, SCOPES, tenant_id="acme"))
+        assert isinstance(outcome, Unavailable), outcome
+        assert seconds <= CONNECT_BOUND + SLACK  # a new connection: libpq's 2 s minimum
+
+        proxy.resume()
+        back = _wait_health(bounded_server, health_pb2.HealthCheckResponse.SERVING, RECOVERY)
+        assert back is not None, "health did not turn SERVING within 2 s of the path returning"
+        assert client.verify(cached, SCOPES, tenant_id="acme").valid
+
+    def test_negative_control_without_the_feed_cached_answers_never_stop(
+        self, unbounded_server: RunningServer, proxy: TcpProxy
+    ) -> None:
+        """A server not following the feed has nothing that bounds staleness: it keeps
+        answering VALID from its cache however long the database is gone."""
+        client = unbounded_server.client()
+        cached, _, _ = _prepare(client)
+        proxy.blackhole()
+        deadline = time.monotonic() + STALENESS + 1.0
+        while time.monotonic() < deadline:
+            assert client.verify(cached, SCOPES, tenant_id="acme").valid
+        assert _health(unbounded_server) == health_pb2.HealthCheckResponse.SERVING

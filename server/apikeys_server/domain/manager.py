@@ -1,8 +1,8 @@
 """Key management: create, read, list, update, rotate, revoke, and the audit trail.
 
-Each write runs in one transaction with its audit event and its change-feed entry, then evicts
-the key from this process's cache before returning, so the next Verify served here sees the
-change; other processes learn of it from the feed.
+Each write runs in one transaction with its audit event and its change-feed entry. The store
+evicts the key from this process's cache once it commits, before the call returns, so the next
+Verify served here sees the change; other processes learn of it from the feed.
 """
 
 import base64
@@ -18,7 +18,7 @@ from apikeys_server.domain.access import Caller
 from apikeys_server.domain.clock import Clock
 from apikeys_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from apikeys_server.domain.key_format import KeyFormat, digest
-from apikeys_server.domain.ports import CacheInvalidation, KeyQuery, KeyStore, KeyWriter
+from apikeys_server.domain.ports import KeyQuery, KeyStore, KeyWriter
 from apikeys_server.domain.records import (
     EventAction,
     FieldChange,
@@ -79,14 +79,12 @@ class KeyManager:
         catalog: ScopeCatalog,
         key_format: KeyFormat,
         clock: Clock,
-        invalidation: CacheInvalidation,
         max_overlap: timedelta,
     ) -> None:
         self._store = store
         self._catalog = catalog
         self._format = key_format
         self._clock = clock
-        self._invalidation = invalidation
         self._max_overlap = max_overlap
 
     # -- create ------------------------------------------------------------------------------
@@ -124,7 +122,6 @@ class KeyManager:
             self._record(
                 tx, issued.key, EventAction.CREATED, actor_key_id, now, self._created(issued.key)
             )
-        self._invalidation.evict(issued.key.digest)
         return issued
 
     # -- read --------------------------------------------------------------------------------
@@ -213,7 +210,6 @@ class KeyManager:
                 return key
             tx.update_key(updated)
             self._record(tx, key, EventAction.UPDATED, caller.key_id, now, changes)
-        self._invalidation.evict(key.digest)
         return updated
 
     def rotate(self, caller: Caller, tenant_id: str, key_id: str, overlap: timedelta) -> Rotation:
@@ -242,8 +238,6 @@ class KeyManager:
             self._record(
                 tx, old, EventAction.ROTATED, caller.key_id, now, self._diff(old, previous)
             )
-        self._invalidation.evict(old.digest)
-        self._invalidation.evict(issued.key.digest)
         return Rotation(issued, previous)
 
     def revoke(self, caller: Caller, tenant_id: str, key_id: str, reason: str) -> KeyRecord:
@@ -261,7 +255,6 @@ class KeyManager:
             revoked = replace(key, revoke_time=now, revoke_reason=reason)
             tx.update_key(revoked)
             self._record(tx, key, EventAction.REVOKED, caller.key_id, now, self._diff(key, revoked))
-        self._invalidation.evict(key.digest)
         return revoked
 
     # -- helpers -----------------------------------------------------------------------------

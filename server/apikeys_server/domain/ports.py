@@ -14,12 +14,6 @@ class KeyLookup(Protocol):
     def find_by_digest(self, digest: bytes) -> KeyRecord | None: ...
 
 
-class CacheInvalidation(Protocol):
-    """Tells every cache to forget a key. The one mechanism a second process could drive too."""
-
-    def evict(self, digest: bytes) -> None: ...
-
-
 class UsageRecorder(Protocol):
     def record(self, key_id: str, when: datetime) -> None: ...
 

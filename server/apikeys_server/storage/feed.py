@@ -31,19 +31,23 @@ _FEED_LOCK_ID: Final = 0x61706B6566
 
 def append_changes(
     connection: Connection, rows: Sequence[dict[str, Any]], serialize: bool = True
-) -> None:
-    """Appends ``rows`` to the feed inside the caller's (uncommitted) transaction.
+) -> list[int]:
+    """Appends ``rows`` to the feed inside the caller's (uncommitted) transaction; returns
+    their positions.
 
     ``serialize=False`` exists only for the test that shows why the lock is needed.
     """
     if not rows:
-        return
+        return []
     postgres = connection.dialect.name == "postgresql"
     if postgres and serialize:
         connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _FEED_LOCK_ID})
-    connection.execute(insert(key_changes), list(rows))
+    positions = connection.execute(
+        insert(key_changes).returning(key_changes.c.position), list(rows)
+    ).scalars()
     if postgres:
         connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": FEED_CHANNEL})
+    return list(positions)
 
 
 def change_row(

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 READ_BATCH: Final = 1000
 RECENT_CHANGES: Final = 10_000
 PRUNE_EVERY_SECONDS: Final = 600.0
+STOP_WAIT_SECONDS: Final = 1.0
 
 
 class Waker(Protocol):
@@ -82,6 +83,8 @@ class FeedFollower:
         self._next_prune = 0.0
         self._closed = False
         self._following = False  # until the feed's head is known
+        # Positions this process committed and evicted itself: no second eviction needed.
+        self._applied_here: set[int] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -99,13 +102,15 @@ class FeedFollower:
             self._listener.start()
 
     def stop(self) -> None:
+        """Asks both threads to stop and waits briefly: they hold nothing to save, and one
+        may be blocked on a hung database for its whole bound (they are daemon threads)."""
         self.end_watches()
         self._stopping.set()
         self._wake.set()
         if self._listener is not None:
             self._listener.stop()
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=STOP_WAIT_SECONDS)
             self._thread = None
 
     def end_watches(self) -> None:
@@ -116,6 +121,14 @@ class FeedFollower:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def committed_here(self, digests: list[bytes], positions: list[int]) -> None:
+        """A change this process just committed: evicted now, skipped when read from the feed
+        (evicting it again then would only drop a fresh entry and cost a lookup)."""
+        for digest in digests:
+            self._cache.evict(digest)
+        with self._changed:
+            self._applied_here.update(positions)
 
     def head(self) -> int:
         return self._feed.head()
@@ -151,7 +164,11 @@ class FeedFollower:
                 if batch.pruned_through > self.position:
                     self._fell_behind(batch.pruned_through)
                 for change in batch.changes:
-                    self._cache.evict(change.digest)
+                    if change.position in self._applied_here:
+                        with self._changed:
+                            self._applied_here.discard(change.position)
+                    else:
+                        self._cache.evict(change.digest)
                 if batch.changes:
                     self._publish(batch.changes)
                 if len(batch.changes) < READ_BATCH:
@@ -176,6 +193,7 @@ class FeedFollower:
         )
         self._cache.clear()
         with self._changed:
+            self._applied_here.clear()
             self.position = horizon
             self._recent.clear()
             self._recent_from = horizon
@@ -255,6 +273,11 @@ class FeedFollower:
         turns false or the follower stops. Raises FailedPrecondition if ``after`` was pruned.
         """
         position = after
+        if position < self.position:
+            # History to replay: the database is the authority (and knows what was pruned).
+            update = self._read_backlog(position)
+            position = update.position
+            yield update
         while active():
             with self._changed:
                 if self._closed:

@@ -47,9 +47,11 @@ class FeedListener:
         self._thread.start()
 
     def stop(self) -> None:
+        """Asks the thread to stop; waits at most one check (a daemon thread still connecting
+        to a hung database is left to the end of the process)."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(timeout=self._check_seconds + self._connect_timeout + 1)
+            self._thread.join(timeout=self._check_seconds)
             self._thread = None
 
     def reconnect(self) -> None:

@@ -2,7 +2,7 @@
 
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -214,8 +214,20 @@ class SqlTransaction:
         self.changes.append(change_row(key.id, key.tenant_id, key.digest, kind, time))
 
 
+# Told, after each commit, the digests it changed and their feed positions.
+CommitListener = Callable[[list[bytes], list[int]], None]
+
+
 class SqlKeyStore:
-    def __init__(self, database: Database, serialize_feed: bool = True) -> None:
+    """Keys in SQL. Each committed change is handed to ``on_commit`` before the transaction's
+    caller resumes: this process evicts it at once; others learn of it from the feed."""
+
+    def __init__(
+        self,
+        database: Database,
+        on_commit: CommitListener = lambda digests, positions: None,
+        serialize_feed: bool = True,
+    ) -> None:
         self._database = database
         self._read = database.read_engine
         self._write = database.write_engine
@@ -223,6 +235,7 @@ class SqlKeyStore:
         self._for_update = not database.is_sqlite
         self._by_digest = _DigestLookup(self._read)
         self._serialize_feed = serialize_feed
+        self._on_commit = on_commit
 
     def find_by_digest(self, digest: bytes) -> KeyRecord | None:
         """The Verify lookup on a cache miss: one round trip, no transaction, no Result object.
@@ -238,8 +251,10 @@ class SqlKeyStore:
         try:
             with database_errors():
                 connection = self._read.raw_connection()
-        except lookup.driver_error:
-            return self._find_by_digest_via_connection(digest)
+        except lookup.driver_error as error:
+            # A new connection that could not be made (the pool's connect leaves the driver's
+            # error unwrapped): nothing stale to retry, and a retry would wait as long again.
+            raise Unavailable("the key database is unavailable; retry later") from error
         failed = timed_out = False
         try:
             cursor = connection.cursor()
@@ -302,7 +317,9 @@ class SqlKeyStore:
         with database_errors(), self._write.begin() as connection:
             tx = SqlTransaction(connection, self._for_update)
             yield tx
-            append_changes(connection, tx.changes, self._serialize_feed)
+            positions = append_changes(connection, tx.changes, self._serialize_feed)
+        if tx.changes:
+            self._on_commit([change["digest"] for change in tx.changes], positions)
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None:
         if not used:
