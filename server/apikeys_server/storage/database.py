@@ -41,13 +41,17 @@ def normalise_url(database_url: str) -> URL:
     return url
 
 
-def open_database(database_url: str, pool_size: int = 16) -> Database:
+def open_database(
+    database_url: str, pool_size: int = 16, max_overflow: int | None = None
+) -> Database:
+    """PostgreSQL: each of the two engines opens up to pool_size + max_overflow connections
+    (max_overflow defaults to pool_size)."""
     url = normalise_url(database_url)
     if url.get_backend_name() == "sqlite":
         return Database(url, _sqlite_engine(url, write=True), _sqlite_engine(url, write=False))
     options: dict[str, Any] = {
         "pool_size": pool_size,
-        "max_overflow": pool_size,
+        "max_overflow": pool_size if max_overflow is None else max_overflow,
         "pool_recycle": 1800,
     }
     write = create_engine(url, **options)
