@@ -158,9 +158,7 @@ def _serve_processes(settings: Settings) -> int:
         try:
             _serve_until(create_server(worker_settings), link.stopping, ready)
         except EXPECTED_FAILURES as error:
-            reason = _one_line(worker_settings, error)
-            print(f"apikeys-server: worker {os.getpid()}: {reason}", file=sys.stderr)
-            link.failed(reason)
+            link.failed(_one_line(worker_settings, error))  # the parent logs it
             return 1
         return 0
 
