@@ -7,6 +7,7 @@ spare beyond the servers', else on one of theirs, and the report says which.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,7 @@ class Placement:
 
 def placement(pin: bool) -> Placement:
     usable = proc.cores()
-    if not pin or len(usable) < 2:
+    if not pin or len(usable) < 2 or shutil.which("taskset") is None:
         return Placement(None, None)
     generator = usable[-1]
     spare = [core for core in usable if core != generator]
