@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
-.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-smoke clean
+.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ check: lint typecheck check-proto test
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Verify cache hits on `serve --processes 1` vs `--processes 2` (about a minute).
+bench-processes: $(STAMP)
+	$(BIN)/python -m bench --processes-compare
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import fixtures, proc, report, workloads
+from bench import fixtures, proc, processes, report, workloads
 from bench.runner import (
     ROOT,
     Load,
@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         default="serve",
         help="garbage collector of every server after start-up: as `serve` runs (gc.freeze()), "
         "Python's default (collect), or disabled (off)",
+    )
+    parser.add_argument(
+        "--processes-compare",
+        action="store_true",
+        help="only this: Verify cache hits on `serve --processes 1` vs `--processes 2`, "
+        "same load generator and load (make bench-processes)",
     )
     parser.add_argument("--json", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--markdown", type=Path, help="default: BENCHMARKS.md (never in smoke)")
@@ -301,9 +307,22 @@ def _rss(options: Options, directory: Path) -> dict[str, Any]:
     return result
 
 
+def _compare_processes(options: Options, pin: bool, json_path: Path | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="apikeys-bench-") as temporary:
+        result = processes.compare(
+            options.load, options.rounds, pin, Path(temporary), options.working_set
+        )
+    print(processes.render(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0 if result["answers_ok"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     options = _options(args)
+    if args.processes_compare:
+        return _compare_processes(options, pin=not args.no_pin, json_path=args.json)
     arguments = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python -m bench", *([shlex.join(arguments)] if arguments else [])])
     info = report.machine()

@@ -73,6 +73,28 @@ class Services:
         self.database.dispose()
 
 
+# Spare connections per engine for a process among several, beyond one per RPC thread: each
+# repository call holds at most one connection of an engine, and besides the RPC threads only
+# the feed follower (reads the feed, prunes it) and the last-used flusher (writes) use them.
+# A single process keeps its historical overflow (workers).
+SHARED_HOST_OVERFLOW = 2
+
+
+def pool_overflow(settings: Settings) -> int:
+    return settings.workers if settings.processes == 1 else SHARED_HOST_OVERFLOW
+
+
+def upgrade_schema(settings: Settings) -> None:
+    """Migrations once, before any server exists; its connections are closed on return."""
+    database = open_database(
+        settings.database_url, pool_size=1, timeouts=DatabaseTimeouts.of(settings)
+    )
+    try:
+        migrate.upgrade(database)
+    finally:
+        database.dispose()
+
+
 def _follower(
     settings: Settings,
     database: Database,
@@ -119,7 +141,12 @@ def build_services(
     on_health: Callable[[bool], None] = lambda serving: None,
 ) -> Services:
     clock = clock or SystemClock()
-    database = open_database(settings.database_url, settings.workers, DatabaseTimeouts.of(settings))
+    database = open_database(
+        settings.database_url,
+        settings.workers,
+        DatabaseTimeouts.of(settings),
+        max_overflow=pool_overflow(settings),
+    )
     if settings.migrate_on_start:
         migrate.upgrade(database)
     cache = KeyCache(
@@ -141,10 +168,15 @@ def build_services(
 
 
 def make_grpc_server(settings: Settings) -> grpc.Server:
-    """The gRPC server every App runs on; the benchmark's echo ceiling is built with it too."""
+    """The gRPC server every App runs on; the benchmark's echo ceiling is built with it too.
+
+    Several processes share one port through SO_REUSEPORT (the kernel spreads connections);
+    a single process leaves it off, so a port another server holds fails loudly at start.
+    """
+    reuse_port = 1 if settings.processes > 1 else 0
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-        options=[("grpc.so_reuseport", 0)],
+        options=[("grpc.so_reuseport", reuse_port)],
     )
 
 

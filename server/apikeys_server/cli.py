@@ -7,21 +7,26 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from apikeys_server.app import build_services, create_server
-from apikeys_server.config import Settings
+from apikeys_server.app import App, build_services, create_server, upgrade_schema
+from apikeys_server.config import MAX_PROCESSES, Settings
 from apikeys_server.domain import scopes
 from apikeys_server.domain.errors import DomainError
 from apikeys_server.domain.validation import PLATFORM_TENANT
+from apikeys_server.processes import Supervisor, WorkerLink, WorkersFailed
 from apikeys_server.storage import migrate
 from apikeys_server.storage.database import DatabaseTimeouts, open_database
 
 ADMIN_SCOPES = (scopes.MANAGE, scopes.READ, scopes.VERIFY)
+# What a command reports as one line and exit status 1 rather than a traceback.
+EXPECTED_FAILURES = (DomainError, ValueError, OSError, SQLAlchemyError, ImportError)
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--key-prefix", help="default: $APIKEYS_KEY_PREFIX or 'ak'")
     serve.add_argument("--scopes", type=Path, help="scope catalog TOML file")
     serve.add_argument("--workers", type=int, help="RPC threads (default 16)")
+    serve.add_argument(
+        "--processes",
+        type=int,
+        help=f"server processes on the same address, 1..{MAX_PROCESSES} "
+        "(default: $APIKEYS_PROCESSES or 1)",
+    )
 
     migrate_cmd = commands.add_parser("migrate", help="bring the database schema up to date")
     with_database(migrate_cmd)
@@ -69,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             key_prefix=getattr(args, "key_prefix", None),
             scopes_file=getattr(args, "scopes", None),
             workers=getattr(args, "workers", None),
+            processes=getattr(args, "processes", None),
         )
     except ValueError as error:
         print(f"apikeys-server: {error}", file=sys.stderr)
@@ -84,13 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(settings)
         return _admin_key(settings, args.tenant, args.name, args.grant or list(ADMIN_SCOPES))
-    except (DomainError, ValueError, OSError) as error:
-        print(f"apikeys-server: {error}", file=sys.stderr)
+    except (*EXPECTED_FAILURES, WorkersFailed) as error:
+        print(f"apikeys-server: {_one_line(settings, error)}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, ImportError) as error:
+
+
+def _one_line(settings: Settings, error: Exception) -> str:
+    if isinstance(error, SQLAlchemyError | ImportError):
         # Unreachable or unusable database (ImportError: a driver this package does not ship).
-        print(f"apikeys-server: {_database_problem(settings, error)}", file=sys.stderr)
-        return 1
+        return _database_problem(settings, error)
+    return str(error)
 
 
 def _database_problem(settings: Settings, error: Exception) -> str:
@@ -104,6 +119,8 @@ def _database_problem(settings: Settings, error: Exception) -> str:
 
 
 def _serve(settings: Settings) -> int:
+    if settings.processes > 1:
+        return _serve_processes(settings)
     app = create_server(settings)
     if not settings.migrate_on_start:
         # Migrating proved the database reachable; without it, check before reporting SERVING,
@@ -116,18 +133,44 @@ def _serve(settings: Settings) -> int:
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger(__name__).info("received signal %d; draining", signum)
+        log.info("received signal %d; draining", signum)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _serve_until(app, stopping, ready=lambda: None)
+    return 0
+
+
+def _serve_until(app: App, stopping: threading.Event, ready: Callable[[], None]) -> None:
     app.start()
     # Start-up objects (grpc, SQLAlchemy, protobuf, alembic: ~85 000) leave the collector's
     # reach, so full collections stop walking them on the Verify path (~10 µs a call, bench).
     gc.freeze()
+    ready()
     stopping.wait()
     app.stop()
-    return 0
+
+
+def _serve_processes(settings: Settings) -> int:
+    """Migrates once here, then forks the workers; none of them migrates again."""
+    if settings.migrate_on_start:
+        upgrade_schema(settings)
+    worker_settings = replace(settings, migrate_on_start=False)
+
+    def work(link: WorkerLink) -> int:
+        def ready() -> None:
+            link.ready()
+            log.info("worker %d serving", os.getpid())
+
+        try:
+            _serve_until(create_server(worker_settings), link.stopping, ready)
+        except EXPECTED_FAILURES as error:
+            link.failed(_one_line(worker_settings, error))  # the parent logs it
+            return 1
+        return 0
+
+    return Supervisor(settings.processes, work, settings.shutdown_grace_seconds).run()
 
 
 def _migrate(settings: Settings) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "APIKEYS_"
+MAX_PROCESSES = 64
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Settings:
     key_prefix: str = "ak"
     scopes_file: Path | None = None
     workers: int = 16
+    # Server processes on one address (SO_REUSEPORT), each with `workers` threads: see README.
+    processes: int = 1
     # Changes are evicted at once, here and (through the change feed) in every other process:
     # the TTL is only a backstop.
     cache_size: int = 100_000
@@ -61,7 +64,22 @@ class Settings:
             if raw is not None and raw != "":
                 values[item.name] = _parse(item.name, item.type, raw)
         values.update({name: value for name, value in overrides.items() if value is not None})
-        return replace(cls(), **values)
+        settings = replace(cls(), **values)
+        _check_processes(settings)
+        return settings
+
+
+def _check_processes(settings: Settings) -> None:
+    if not 1 <= settings.processes <= MAX_PROCESSES:
+        raise ValueError(
+            f"--processes / {ENV_PREFIX}PROCESSES must be between 1 and {MAX_PROCESSES}, "
+            f"not {settings.processes}"
+        )
+    if settings.processes > 1 and settings.listen.rsplit(":", 1)[-1] == "0":
+        raise ValueError(
+            f"--listen {settings.listen} needs --processes 1: with port 0 each of the "
+            f"{settings.processes} processes would listen on a different port"
+        )
 
 
 _POSITIVE_SECONDS = (

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,18 +190,26 @@ def wait_until_serving(server: ServerProcess) -> None:
 
 
 def start_server(
-    database_url: str, log_dir: Path, env: Mapping[str, str] | None = None
+    database_url: str,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> ServerProcess:
-    """Starts ``serve`` (which migrates an empty database), waits for it, makes an admin key."""
+    """Starts ``serve`` (which migrates an empty database), waits for it, makes an admin key.
+
+    ``args``: more ``serve`` flags, e.g. ``("--processes", "2")``.
+    """
     for _ in range(PORT_ATTEMPTS - 1):
         try:
-            return _start_server(database_url, log_dir, env)
+            return _start_server(database_url, log_dir, env, args)
         except PortTaken:
             continue
-    return _start_server(database_url, log_dir, env)
+    return _start_server(database_url, log_dir, env, args)
 
 
-def _start_server(database_url: str, log_dir: Path, env: Mapping[str, str] | None) -> ServerProcess:
+def _start_server(
+    database_url: str, log_dir: Path, env: Mapping[str, str] | None, args: Sequence[str]
+) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     with log_path.open("wb") as log:
@@ -215,6 +223,7 @@ def _start_server(database_url: str, log_dir: Path, env: Mapping[str, str] | Non
                 f"127.0.0.1:{port}",
                 "--workers",
                 "8",
+                *args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -268,9 +277,11 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Starts servers over a SQLite file of this test; stops and checks each one at the end."""
     started: list[ServerProcess] = []
 
-    def start(env: Mapping[str, str] | None = None, database_url: str = "") -> ServerProcess:
+    def start(
+        env: Mapping[str, str] | None = None, database_url: str = "", args: Sequence[str] = ()
+    ) -> ServerProcess:
         url = database_url or f"sqlite:///{tmp_path / 'apikeys.db'}"
-        server = start_server(url, tmp_path, env)
+        server = start_server(url, tmp_path, env, args)
         started.append(server)
         return server
 

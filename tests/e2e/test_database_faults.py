@@ -91,7 +91,9 @@ def test_sigterm_with_a_hung_database_and_calls_in_flight_exits_in_time(
             try:
                 status = server.process.wait(timeout=GRACE + STOP_SLACK)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"server still running {GRACE + STOP_SLACK} s after SIGTERM:\n{server.log()}")
+                pytest.fail(
+                    f"server still running {GRACE + STOP_SLACK} s after SIGTERM:\n{server.log()}"
+                )
             seconds = time.monotonic() - started
             codes = {call.exception().code() for call in in_flight if call.exception()}
         assert status == 0, server.log()

@@ -173,3 +173,17 @@ class TestDatabaseBounds:
         """Zero (no bound at all in libpq), negative, infinite or NaN bounds are refused."""
         with pytest.raises(ValueError, match=name):
             Settings.from_env({name: raw})
+
+
+class TestProcesses:
+    @pytest.mark.parametrize("raw", ["0", "65", "-1"])
+    def test_out_of_range_names_flag_variable_and_range(self, raw: str) -> None:
+        """processes outside 1..64 is refused with both ways to set it and the range."""
+        with pytest.raises(ValueError, match=r"--processes / APIKEYS_PROCESSES .* 1 and 64"):
+            Settings.from_env({"APIKEYS_PROCESSES": raw})
+
+    def test_port_zero_needs_one_process(self) -> None:
+        """Each process would bind a port of its own: refused."""
+        with pytest.raises(ValueError, match="each of the 2 processes"):
+            Settings.from_env({}, listen="127.0.0.1:0", processes=2)
+        assert Settings.from_env({}, listen="127.0.0.1:0").processes == 1

@@ -84,8 +84,13 @@ def normalise_url(database_url: str) -> URL:
 
 
 def open_database(
-    database_url: str, pool_size: int = 16, timeouts: DatabaseTimeouts | None = None
+    database_url: str,
+    pool_size: int = 16,
+    timeouts: DatabaseTimeouts | None = None,
+    max_overflow: int | None = None,
 ) -> Database:
+    """PostgreSQL: each of the two engines opens up to pool_size + max_overflow connections
+    (max_overflow defaults to pool_size)."""
     url = normalise_url(database_url)
     timeouts = timeouts or DatabaseTimeouts()
     if url.get_backend_name() == "sqlite":
@@ -95,7 +100,7 @@ def open_database(
         )
     options: dict[str, Any] = {
         "pool_size": pool_size,
-        "max_overflow": pool_size,
+        "max_overflow": pool_size if max_overflow is None else max_overflow,
         "pool_recycle": 1800,
         "pool_timeout": timeouts.pool,
     }
