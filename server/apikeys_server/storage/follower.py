@@ -283,10 +283,15 @@ class FeedFollower:
                 if self._closed:
                     return
                 if position >= self._recent_from:
-                    if self.position <= position:
-                        self._changed.wait(heartbeat)
-                        if self._closed:
-                            return
+                    # Woken on every confirmation; speak on a change or when a heartbeat is due.
+                    due = self._timer() + heartbeat
+                    while self.position <= position and not self._closed:
+                        left = due - self._timer()
+                        if left <= 0:
+                            break
+                        self._changed.wait(left)
+                    if self._closed:
+                        return
                     changes = self._recent_after(position)
                     position = max(position, self.position)
                     update = FeedUpdate(changes, position, self._confirm_time)
