@@ -49,6 +49,9 @@ def _serve(proxy: TcpProxy, postgres_url: str, watchdog: bool) -> Iterator[Runni
         db_read_timeout_seconds=READ_BOUND,
         db_write_timeout_seconds=WRITE_BOUND,
         db_watchdog=watchdog,
+        # Without the watchdog, nothing else may use the pool: the lookup under test must get
+        # an established connection (a new one would end at the connect timeout instead).
+        follow_feed=watchdog,
     )
     with running_server(settings) as server:
         yield server

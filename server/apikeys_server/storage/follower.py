@@ -128,7 +128,9 @@ class FeedFollower:
         for digest in digests:
             self._cache.evict(digest)
         with self._changed:
-            self._applied_here.update(positions)
+            # One already read from the feed (commit is visible before this runs) was evicted
+            # then; remembering it would only leak.
+            self._applied_here.update(p for p in positions if p > self.position)
 
     def head(self) -> int:
         return self._feed.head()
