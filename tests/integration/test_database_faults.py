@@ -41,17 +41,16 @@ def proxy(postgres_url: str) -> Iterator[TcpProxy]:
     proxy.stop()
 
 
-def _serve(proxy: TcpProxy, postgres_url: str, watchdog: bool) -> Iterator[RunningServer]:
+def _serve(proxy: TcpProxy, postgres_url: str, **overrides: object) -> Iterator[RunningServer]:
     settings = server_settings(
         through(proxy, postgres_url),
-        migrate_on_start=False,  # the session's database is migrated already
-        cache_ttl_seconds=3600.0,  # keys verified before the fault stay cached through it
-        db_read_timeout_seconds=READ_BOUND,
-        db_write_timeout_seconds=WRITE_BOUND,
-        db_watchdog=watchdog,
-        # Without the watchdog, nothing else may use the pool: the lookup under test must get
-        # an established connection (a new one would end at the connect timeout instead).
-        follow_feed=watchdog,
+        **{
+            "migrate_on_start": False,  # the session's database is migrated already
+            "cache_ttl_seconds": 3600.0,  # keys verified before the fault stay cached through it
+            "db_read_timeout_seconds": READ_BOUND,
+            "db_write_timeout_seconds": WRITE_BOUND,
+            **overrides,
+        },
     )
     with running_server(settings) as server:
         yield server
@@ -61,12 +60,14 @@ def _serve(proxy: TcpProxy, postgres_url: str, watchdog: bool) -> Iterator[Runni
 
 @pytest.fixture
 def server(proxy: TcpProxy, postgres_url: str) -> Iterator[RunningServer]:
-    yield from _serve(proxy, postgres_url, watchdog=True)
+    yield from _serve(proxy, postgres_url)
 
 
 @pytest.fixture
 def unwatched_server(proxy: TcpProxy, postgres_url: str) -> Iterator[RunningServer]:
-    yield from _serve(proxy, postgres_url, watchdog=False)
+    # Nothing else may use the pool: the lookup under test must get an established connection
+    # (a new one would end at the connect timeout instead), so no feed follower either.
+    yield from _serve(proxy, postgres_url, db_watchdog=False, follow_feed=False)
 
 
 def _prepare(client: ApiKeysClient) -> tuple[str, str, str]:
@@ -200,29 +201,20 @@ FEED_READ_BOUND = 0.5
 CONNECT_BOUND = 2.0
 
 
-def _stale_server(proxy: TcpProxy, postgres_url: str, follow_feed: bool) -> Iterator[RunningServer]:
-    settings = server_settings(
-        through(proxy, postgres_url),
-        migrate_on_start=False,
-        cache_ttl_seconds=3600.0,
-        max_staleness_seconds=STALENESS,
-        feed_poll_seconds=0.1,
-        follow_feed=follow_feed,
-        db_read_timeout_seconds=FEED_READ_BOUND,
-    )
-    with running_server(settings) as server:
-        yield server
-        proxy.stop()
-
-
 @pytest.fixture
 def bounded_server(proxy: TcpProxy, postgres_url: str) -> Iterator[RunningServer]:
-    yield from _stale_server(proxy, postgres_url, follow_feed=True)
+    yield from _serve(
+        proxy,
+        postgres_url,
+        max_staleness_seconds=STALENESS,
+        feed_poll_seconds=0.1,
+        db_read_timeout_seconds=FEED_READ_BOUND,
+    )
 
 
 @pytest.fixture
 def unbounded_server(proxy: TcpProxy, postgres_url: str) -> Iterator[RunningServer]:
-    yield from _stale_server(proxy, postgres_url, follow_feed=False)
+    yield from _serve(proxy, postgres_url, max_staleness_seconds=STALENESS, follow_feed=False)
 
 
 def _wait_health(server: RunningServer, status: int, bound: float) -> float | None:
