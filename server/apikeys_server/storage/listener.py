@@ -41,6 +41,7 @@ class FeedListener:
         self._reconnect = threading.Event()
         self._thread: threading.Thread | None = None
         self._listening = True  # logged on the first change only
+        self._listened = False  # this connection got as far as LISTEN
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="feed-listener", daemon=True)
@@ -61,12 +62,13 @@ class FeedListener:
         failures = 0
         while not self._stopping.is_set():
             self._reconnect.clear()
+            self._listened = False
             try:
                 self._listen()
-                failures = 0
             except psycopg.Error as error:
                 self._lost(type(error).__name__)
-                failures += 1
+            # A connection that got as far as LISTEN starts the backoff over when it is lost.
+            failures = 0 if self._listened else failures + 1
             delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
             self._stopping.wait(delay)
 
@@ -75,6 +77,7 @@ class FeedListener:
             self._dsn, autocommit=True, connect_timeout=self._connect_timeout
         ) as connection:
             connection.execute(f"LISTEN {FEED_CHANNEL}")
+            self._listened = True
             if not self._listening:
                 self._listening = True
                 log.info("change feed listener: listening again")
