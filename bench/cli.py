@@ -26,7 +26,7 @@ from bench.runner import (
     measure,
 )
 
-DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_POSTGRES = fixtures.DEFAULT_POSTGRES
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,20 @@ def _compare_processes(options: Options, pin: bool, json_path: Path | None) -> i
     return 0 if result["answers_ok"] else 1
 
 
+SUB_COMMANDS = ("propagation", "faults")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given and given[0] in SUB_COMMANDS:
+        # Each sub-command module has its own options; imported only when asked for.
+        if given[0] == "propagation":
+            from bench import propagation
+
+            return propagation.main(given[1:])
+        from bench import faults
+
+        return faults.main(given[1:])
     args = _parser().parse_args(argv)
     options = _options(args)
     if args.processes_compare:

@@ -18,7 +18,10 @@ from sqlalchemy.engine import make_url
 
 from apikeys.v1 import key_verifier_pb2
 from apikeys_client import ApiKeysClient
+from apikeys_server.storage.database import open_database
+from apikeys_server.storage.feed import SqlChangeFeed
 from bench.pg import kill_listener, listener_backends
+from bench.propagation import warm
 from tests.e2e.conftest import ServerProcess, start_server, truncate
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
@@ -55,17 +58,17 @@ def replicas(
             server.check_stopped_cleanly()
 
 
+@pytest.fixture(scope="module")
+def feed(postgres_url: str) -> Iterator[SqlChangeFeed]:
+    """The feed's head, read directly: a key is warmed only once B and C applied its creation."""
+    database = open_database(postgres_url, pool_size=1)
+    yield SqlChangeFeed(database)
+    database.dispose()
+
+
 def _clients(servers: dict[str, ServerProcess], *names: str) -> list[ApiKeysClient]:
     admin = servers["A"].admin_key
     return [servers[name].client(admin) for name in names]
-
-
-def _warm(a: ApiKeysClient, others: list[ApiKeysClient], scopes: list[str]) -> tuple[str, str]:
-    """A new key, verified (so cached) on each of ``others``."""
-    created = a.create_key("svc", scopes, tenant_id="acme")
-    for client in others:
-        assert client.verify(created.secret, scopes, tenant_id="acme").code == VALID
-    return created.key.id, created.secret
 
 
 def _until(
@@ -92,7 +95,7 @@ def _report(what: str, times: list[float]) -> None:
 
 @pytest.mark.parametrize("change", ["revoke", "remove scope", "rotate overlap 0"])
 def test_a_change_through_a_reaches_b_and_c(
-    replicas: dict[str, ServerProcess], change: str
+    replicas: dict[str, ServerProcess], feed: SqlChangeFeed, change: str
 ) -> None:
     """Each trial: a key warm in B's and C's caches, changed through A; B and C answer the
     change within the bound (they are polled from A's acknowledgement)."""
@@ -101,15 +104,15 @@ def test_a_change_through_a_reaches_b_and_c(
     with a, b, c:
         for _ in range(TRIALS):
             if change == "revoke":
-                key_id, secret = _warm(a, [b, c], [READ])
+                key_id, secret = warm(a, [b, c], [READ], feed)
                 a.revoke_key(key_id, tenant_id="acme")
                 code, asked = REVOKED, [READ]
             elif change == "remove scope":
-                key_id, secret = _warm(a, [b, c], [READ, WRITE])
+                key_id, secret = warm(a, [b, c], [READ, WRITE], feed)
                 a.update_key(key_id, tenant_id="acme", scopes=[READ])
                 code, asked = INSUFFICIENT_SCOPE, [WRITE]
             else:
-                key_id, secret = _warm(a, [b, c], [READ])
+                key_id, secret = warm(a, [b, c], [READ], feed)
                 a.rotate_key(key_id, timedelta(0), tenant_id="acme")
                 code, asked = EXPIRED, [READ]
             seen = _until(code, [b, c], secret, asked, BOUND)
@@ -119,13 +122,14 @@ def test_a_change_through_a_reaches_b_and_c(
 
 
 def test_negative_control_a_replica_not_following_the_feed_stays_stale(
-    replicas: dict[str, ServerProcess],
+    replicas: dict[str, ServerProcess], feed: SqlChangeFeed
 ) -> None:
     """D (APIKEYS_FOLLOW_FEED=false, TTL an hour) keeps answering VALID for a key revoked
     through A, while B, following the feed, answers REVOKED: only the feed explains B."""
     a, b, d = _clients(replicas, "A", "B", "D")
     with a, b, d:
-        key_id, secret = _warm(a, [b, d], [READ])
+        key_id, secret = warm(a, [b], [READ], feed)
+        assert d.verify(secret, [READ], tenant_id="acme").code == VALID  # D has no position
         a.revoke_key(key_id, tenant_id="acme")
         assert _until(REVOKED, [b], secret, [READ], BOUND) != [None]
         assert _until(REVOKED, [d], secret, [READ], STALE_WATCH) == [None]
@@ -133,7 +137,7 @@ def test_negative_control_a_replica_not_following_the_feed_stays_stale(
 
 
 def test_a_killed_listener_still_sees_a_revocation_made_meanwhile(
-    replicas: dict[str, ServerProcess], postgres_url: str
+    replicas: dict[str, ServerProcess], postgres_url: str, feed: SqlChangeFeed
 ) -> None:
     """pg_terminate_backend on B's LISTEN connection (found by B's own ports, once it is back
     from the previous kill), then a revocation through A: B still answers REVOKED in time
@@ -147,7 +151,7 @@ def test_a_killed_listener_still_sees_a_revocation_made_meanwhile(
     try:
         with a, b:
             for _ in range(KILL_TRIALS):
-                key_id, secret = _warm(a, [b], [READ])
+                key_id, secret = warm(a, [b], [READ], feed)
                 killed.append(kill_listener(admin, database, pid))
                 a.revoke_key(key_id, tenant_id="acme")
                 [seen] = _until(REVOKED, [b], secret, [READ], BOUND)
