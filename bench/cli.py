@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import fixtures, proc, processes, report, workloads
+from bench import faults, fixtures, proc, processes, propagation, report, workloads
 from bench.runner import (
     ROOT,
     Load,
@@ -324,13 +324,9 @@ SUB_COMMANDS = ("propagation", "faults")
 def main(argv: Sequence[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     if given and given[0] in SUB_COMMANDS:
-        # Each sub-command module has its own options; imported only when asked for.
+        # Each sub-command has its own options.
         if given[0] == "propagation":
-            from bench import propagation
-
             return propagation.main(given[1:])
-        from bench import faults
-
         return faults.main(given[1:])
     args = _parser().parse_args(argv)
     options = _options(args)
