@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
-.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-smoke clean
+.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-smoke bench-propagation bench-faults clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: $(STAMP)
 # Verify cache hits on `serve --processes 1` vs `--processes 2` (about a minute).
 bench-processes: $(STAMP)
 	$(BIN)/python -m bench --processes-compare
+
+# Cross-replica propagation: 3 serve processes, PostgreSQL, 900 change trials + 100 listener kills.
+bench-propagation: $(STAMP)
+	$(BIN)/python -m bench propagation
+
+# One serve process behind a TCP proxy: stopped, blackholed, past the staleness bound, recovered.
+bench-faults: $(STAMP)
+	$(BIN)/python -m bench faults
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke

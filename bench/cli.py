@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import fixtures, proc, processes, report, workloads
+from bench import faults, fixtures, proc, processes, propagation, report, workloads
 from bench.runner import (
     ROOT,
     Load,
@@ -26,7 +26,7 @@ from bench.runner import (
     measure,
 )
 
-DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_POSTGRES = fixtures.DEFAULT_POSTGRES
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,16 @@ def _compare_processes(options: Options, pin: bool, json_path: Path | None) -> i
     return 0 if result["answers_ok"] else 1
 
 
+SUB_COMMANDS = ("propagation", "faults")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else list(argv)
+    if given and given[0] in SUB_COMMANDS:
+        # Each sub-command has its own options.
+        if given[0] == "propagation":
+            return propagation.main(given[1:])
+        return faults.main(given[1:])
     args = _parser().parse_args(argv)
     options = _options(args)
     if args.processes_compare:

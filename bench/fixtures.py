@@ -35,6 +35,7 @@ GRANTED = ("passes:read", "passes:write")
 REQUIRED = ("passes:read",)
 KEY_FORMAT = KeyFormat(Settings().key_prefix)
 BATCH = 20_000
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def prepare(url: str, working_set: int, filler: int = 0) -> BenchDatabase:
             TENANT, "bench-caller", [scopes.VERIFY], expire_time=None
         )
         now = datetime.now(UTC)
-        keys = [_new_key(f"bench-{index:07d}", now) for index in range(working_set)]
+        keys = [new_key(f"bench-{index:07d}", now) for index in range(working_set)]
         with services.database.write_engine.begin() as connection:
             for start in range(0, len(keys), BATCH):
                 batch = keys[start : start + BATCH]
@@ -83,11 +84,11 @@ def prepare(url: str, working_set: int, filler: int = 0) -> BenchDatabase:
     return BenchDatabase(url, caller.secret, keys, 1 + working_set + filler, head)
 
 
-def _new_key(name: str, now: datetime) -> BenchKey:
+def new_key(name: str, now: datetime, tenant: str = TENANT) -> BenchKey:
     secret = KEY_FORMAT.generate()
     record = KeyRecord(
         id=new_id("key"),
-        tenant_id=TENANT,
+        tenant_id=tenant,
         name=name,
         scopes=frozenset(GRANTED),
         hint=KEY_FORMAT.hint(secret),

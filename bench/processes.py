@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,26 +62,36 @@ def _children(pid: int) -> list[int]:
 
 
 class ServeProcess:
-    """``apikeys-server serve --processes N`` on a fixed port, stopped with SIGTERM."""
+    """``apikeys-server serve --processes N`` on a fixed port, stopped with SIGTERM.
 
-    def __init__(self, count: int, url: str, where: Placement, log_path: Path) -> None:
+    ``env``: more APIKEYS_* settings (over the cache TTL of an hour set here)."""
+
+    def __init__(
+        self,
+        count: int,
+        url: str,
+        where: Placement,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.count = count
         self.port = _free_port()
         command = [sys.executable, "-m", "apikeys_server", "serve", "--processes", str(count)]
         if where.server_cores is not None:
             command = ["taskset", "-c", ",".join(map(str, where.server_cores)), *command]
-        env = {key: value for key, value in os.environ.items() if key[:8] != "APIKEYS_"}
-        env.update(
+        environment = {k: v for k, v in os.environ.items() if k[:8] != "APIKEYS_"}
+        environment.update(
             {
                 "APIKEYS_DATABASE_URL": url,
                 "APIKEYS_LISTEN": f"127.0.0.1:{self.port}",
                 "APIKEYS_CACHE_TTL_SECONDS": "3600",  # every call hits
             }
         )
+        environment.update(env or {})
         self.log_path = log_path
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=log, stdout=log
+                command, cwd=ROOT, env=environment, stdin=subprocess.DEVNULL, stderr=log, stdout=log
             )
         self._wait_ready(time.monotonic() + START_TIMEOUT_SECONDS)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from tests.tcp_proxy import TcpProxy
+from bench.tcp_proxy import TcpProxy
 
 
 def proxy_to(postgres_url: str) -> TcpProxy:

@@ -1,4 +1,4 @@
-"""The real ``apikeys-server`` process with PostgreSQL behind a blackhole (tests/tcp_proxy.py)."""
+"""The real ``apikeys-server`` process with PostgreSQL behind a blackhole (bench/tcp_proxy.py)."""
 
 import signal
 import subprocess
@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from apikeys.v1 import key_verifier_pb2, key_verifier_pb2_grpc
+from bench.tcp_proxy import TcpProxy
 from tests.e2e.conftest import assert_no_secrets, free_port, run_cli, start_server
 from tests.faults import proxy_to, through
-from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 

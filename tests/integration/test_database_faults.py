@@ -1,4 +1,4 @@
-"""PostgreSQL behind a real network fault (tests/tcp_proxy.py): silence, then a stopped database.
+"""PostgreSQL behind a real network fault (bench/tcp_proxy.py): silence, then a stopped database.
 
 Every call must end within its bound with UNAVAILABLE (never UNKNOWN or INTERNAL, never a hang),
 cached keys keep verifying, and the first call after the path returns succeeds.
@@ -17,9 +17,9 @@ from apikeys_client import AlreadyGone, ApiKeysClient, Unavailable
 from apikeys_server.domain import errors
 from apikeys_server.storage.database import DatabaseTimeouts, open_database
 from apikeys_server.storage.repository import SqlKeyStore
+from bench.tcp_proxy import TcpProxy
 from tests.faults import proxy_to, through, timed
 from tests.support import RunningServer, running_server, server_settings
-from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
