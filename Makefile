@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
-.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-smoke bench-propagation bench-faults clean
+.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-smoke \
+	bench-propagation bench-faults clean buf contract buf-lint buf-breaking contract-baseline
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +46,38 @@ check-proto: proto
 	git diff --exit-code -- client/apikeys/v1
 	@test -z "$$(git status --porcelain -- client/apikeys/v1)" || (echo "untracked generated files" && exit 1)
 
+# The proto contract, for every language: buf (pinned, from npm into .tools/) lints the protos
+# (STANDARD, exceptions in buf.yaml), checks their formatting, and fails on a breaking change
+# (FILE category) against protos/baseline.binpb, the contract as last released: an image
+# committed with the protos, so the check needs no git history or network beyond npm. After a
+# release, `make contract-baseline` and commit it; a deliberate break belongs in apikeys.v2.
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
+BASELINE := protos/baseline.binpb
+
+$(BUF_STAMP):
+	npm install --no-save --no-audit --no-fund --loglevel=error --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+	test "$$($(BUF) --version)" = "$(BUF_VERSION)"
+	touch $@
+
+buf: $(BUF_STAMP)
+
+buf-lint: $(BUF_STAMP)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+buf-breaking: $(BUF_STAMP)
+	$(BUF) breaking --against $(BASELINE)
+
+contract: buf-lint buf-breaking
+
+contract-baseline: $(BUF_STAMP)
+	$(BUF) build --exclude-source-info -o $(BASELINE)
+
 # Everything CI checks, in CI's order.
-check: lint typecheck check-proto test
+check: lint typecheck check-proto contract test
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -67,4 +98,4 @@ bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
 clean:
-	rm -rf $(VENV) apikeys.db .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) apikeys.db .pytest_cache .mypy_cache .ruff_cache

@@ -55,7 +55,7 @@ def postgres_url() -> Iterator[str]:
 def _truncate(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE api_keys, key_events"))
+        connection.execute(text("TRUNCATE api_keys, key_events, key_requests"))
     engine.dispose()
 
 

@@ -2,6 +2,7 @@
 
 from apikeys_client._client import ApiKeysClient
 from apikeys_client._errors import (
+    AlreadyExists,
     AlreadyGone,
     ApiKeysError,
     FailedPrecondition,
@@ -13,6 +14,7 @@ from apikeys_client._errors import (
 )
 
 __all__ = [
+    "AlreadyExists",
     "AlreadyGone",
     "ApiKeysClient",
     "ApiKeysError",

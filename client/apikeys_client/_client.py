@@ -1,5 +1,6 @@
 """A thin client over the generated stubs: owns its channel, sends the caller key, deadlines."""
 
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -110,10 +111,17 @@ class ApiKeysClient:
         *,
         tenant_id: str = "",
         expire_time: datetime | None = None,
+        request_id: str | None = None,
     ) -> key_manager_pb2.CreateKeyResponse:
-        """Creates a key; the response's ``secret`` is shown this once."""
+        """Creates a key; the response's ``secret`` is shown this once.
+
+        ``request_id`` makes retries safe (AIP-155): None (the default) sends a fresh UUID,
+        ``""`` sends none. To retry a call whose answer was lost, call again with the same
+        ``request_id``: within 24 hours the service never makes a second key; it raises
+        ``AlreadyExists`` naming the key already made (whose secret cannot be shown again).
+        """
         request = key_manager_pb2.CreateKeyRequest(
-            tenant_id=tenant_id, name=name, scopes=list(scopes)
+            tenant_id=tenant_id, name=name, scopes=list(scopes), request_id=_request_id(request_id)
         )
         if expire_time is not None:
             request.expire_time.CopyFrom(_timestamp(expire_time))
@@ -168,10 +176,20 @@ class ApiKeysClient:
         return self._call(self._manager.UpdateKey, request)
 
     def rotate_key(
-        self, key_id: str, overlap: timedelta, *, tenant_id: str = ""
+        self,
+        key_id: str,
+        overlap: timedelta,
+        *,
+        tenant_id: str = "",
+        request_id: str | None = None,
     ) -> key_manager_pb2.RotateKeyResponse:
-        """A successor key (secret shown once); the old one works for ``overlap`` more."""
-        request = key_manager_pb2.RotateKeyRequest(tenant_id=tenant_id, key_id=key_id)
+        """A successor key (secret shown once); the old one works for ``overlap`` more.
+
+        ``request_id``: as for ``create_key`` (None: a fresh UUID; ``""``: none).
+        """
+        request = key_manager_pb2.RotateKeyRequest(
+            tenant_id=tenant_id, key_id=key_id, request_id=_request_id(request_id)
+        )
         request.overlap.CopyFrom(_duration(overlap))
         return self._call(self._manager.RotateKey, request)
 
@@ -201,6 +219,11 @@ class ApiKeysClient:
             token = page.next_page_token
             if not token:
                 return
+
+
+def _request_id(given: str | None) -> str:
+    """A fresh UUID unless the caller chose an id (or ``""``: none)."""
+    return str(uuid.uuid4()) if given is None else given
 
 
 def _timestamp(value: datetime) -> Timestamp:

@@ -5,6 +5,7 @@ ApiKeysError                 any failed call (``.code``, ``.details``)
 ├── Unauthenticated          the client's own key is missing or does not verify
 ├── PermissionDenied         the client's key lacks the scope or the tenant
 ├── NotFound                 no such key in that tenant
+├── AlreadyExists            a retry (same request_id) of a create or rotate that already worked
 ├── FailedPrecondition       the key's state forbids the change (revoked, already rotated)
 ├── Unavailable              the service or its database is unreachable; retry
 └── AlreadyGone              the deadline passed or the call was cancelled
@@ -36,6 +37,10 @@ class NotFound(ApiKeysError):
     pass
 
 
+class AlreadyExists(ApiKeysError):
+    pass
+
+
 class FailedPrecondition(ApiKeysError):
     pass
 
@@ -53,6 +58,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiKeysError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: AlreadyGone,

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
@@ -13,9 +15,10 @@ from apikeys_server import cli
 from apikeys_server.app import create_server
 from apikeys_server.storage import migrate
 from apikeys_server.storage.database import Database, open_database
+from apikeys_server.storage.models import Base
 from tests.support import running_server, server_settings
 
-TABLES = {"api_keys", "key_events", "alembic_version"}
+TABLES = {"api_keys", "key_events", "key_changes", "key_requests", "alembic_version"}
 REPLICAS = 4
 
 
@@ -66,6 +69,16 @@ class TestUpgrade:
         assert migrate.is_up_to_date(empty_database)
         assert _tables(empty_database) >= TABLES
         assert len(_versions(empty_database)) == 1
+
+    def test_models_agree_with_the_migrations(self, empty_database: Database) -> None:
+        """The schema the migrations make is the one storage/models.py describes."""
+        migrate.upgrade(empty_database)
+        with empty_database.read_engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "compare_server_default": False}
+            )
+            differences = compare_metadata(context, Base.metadata)
+        assert differences == []
 
     def test_upgrade_is_idempotent(self, empty_database: Database) -> None:
         """Running upgrade() again changes nothing and keeps data."""

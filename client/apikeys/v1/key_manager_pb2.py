@@ -28,39 +28,40 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61pikeys/v1/key_manager.proto\x12\napikeys.v1\x1a\x18\x61pikeys/v1/api_key.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"t\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11\x43reateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.apikeys.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"2\n\rGetKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"y\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\x12\x13\n\x0bname_prefix\x18\x05 \x01(\t\"M\n\x10ListKeysResponse\x12 \n\x04keys\x18\x01 \x03(\x0b\x32\x12.apikeys.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x84\x01\n\x10UpdateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0bupdate_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"a\n\x10RotateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12*\n\x07overlap\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"j\n\x11RotateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.apikeys.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12$\n\x08previous\x18\x03 \x01(\x0b\x32\x12.apikeys.v1.ApiKey\"E\n\x10RevokeKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11ListScopesRequest\"7\n\x12ListScopesResponse\x12!\n\x06scopes\x18\x01 \x03(\x0b\x32\x11.apikeys.v1.Scope\"]\n\x11ListEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x12ListEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.apikeys.v1.KeyEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb8\x04\n\nKeyManager\x12H\n\tCreateKey\x12\x1c.apikeys.v1.CreateKeyRequest\x1a\x1d.apikeys.v1.CreateKeyResponse\x12\x37\n\x06GetKey\x12\x19.apikeys.v1.GetKeyRequest\x1a\x12.apikeys.v1.ApiKey\x12\x45\n\x08ListKeys\x12\x1b.apikeys.v1.ListKeysRequest\x1a\x1c.apikeys.v1.ListKeysResponse\x12=\n\tUpdateKey\x12\x1c.apikeys.v1.UpdateKeyRequest\x1a\x12.apikeys.v1.ApiKey\x12H\n\tRotateKey\x12\x1c.apikeys.v1.RotateKeyRequest\x1a\x1d.apikeys.v1.RotateKeyResponse\x12=\n\tRevokeKey\x12\x1c.apikeys.v1.RevokeKeyRequest\x1a\x12.apikeys.v1.ApiKey\x12K\n\nListScopes\x12\x1d.apikeys.v1.ListScopesRequest\x1a\x1e.apikeys.v1.ListScopesResponse\x12K\n\nListEvents\x12\x1d.apikeys.v1.ListEventsRequest\x1a\x1e.apikeys.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61pikeys/v1/key_manager.proto\x12\napikeys.v1\x1a\x18\x61pikeys/v1/api_key.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x01\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"D\n\x11\x43reateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.apikeys.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"2\n\rGetKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"y\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\x12\x13\n\x0bname_prefix\x18\x05 \x01(\t\"M\n\x10ListKeysResponse\x12 \n\x04keys\x18\x01 \x03(\x0b\x32\x12.apikeys.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x84\x01\n\x10UpdateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12/\n\x0bupdate_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"u\n\x10RotateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12*\n\x07overlap\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"j\n\x11RotateKeyResponse\x12\x1f\n\x03key\x18\x01 \x01(\x0b\x32\x12.apikeys.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12$\n\x08previous\x18\x03 \x01(\x0b\x32\x12.apikeys.v1.ApiKey\"E\n\x10RevokeKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11ListScopesRequest\"7\n\x12ListScopesResponse\x12!\n\x06scopes\x18\x01 \x03(\x0b\x32\x11.apikeys.v1.Scope\"]\n\x11ListEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"S\n\x12ListEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.apikeys.v1.KeyEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb8\x04\n\nKeyManager\x12H\n\tCreateKey\x12\x1c.apikeys.v1.CreateKeyRequest\x1a\x1d.apikeys.v1.CreateKeyResponse\x12\x37\n\x06GetKey\x12\x19.apikeys.v1.GetKeyRequest\x1a\x12.apikeys.v1.ApiKey\x12\x45\n\x08ListKeys\x12\x1b.apikeys.v1.ListKeysRequest\x1a\x1c.apikeys.v1.ListKeysResponse\x12=\n\tUpdateKey\x12\x1c.apikeys.v1.UpdateKeyRequest\x1a\x12.apikeys.v1.ApiKey\x12H\n\tRotateKey\x12\x1c.apikeys.v1.RotateKeyRequest\x1a\x1d.apikeys.v1.RotateKeyResponse\x12=\n\tRevokeKey\x12\x1c.apikeys.v1.RevokeKeyRequest\x1a\x12.apikeys.v1.ApiKey\x12K\n\nListScopes\x12\x1d.apikeys.v1.ListScopesRequest\x1a\x1e.apikeys.v1.ListScopesResponse\x12K\n\nListEvents\x12\x1d.apikeys.v1.ListEventsRequest\x1a\x1e.apikeys.v1.ListEventsResponseBU\n\x0e\x63om.apikeys.v1B\x0fKeyManagerProtoP\x01Z#apikeys/gen/go/apikeys/v1;apikeysv1\xaa\x02\nApikeys.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apikeys.v1.key_manager_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_CREATEKEYREQUEST']._serialized_start=169
-  _globals['_CREATEKEYREQUEST']._serialized_end=285
-  _globals['_CREATEKEYRESPONSE']._serialized_start=287
-  _globals['_CREATEKEYRESPONSE']._serialized_end=355
-  _globals['_GETKEYREQUEST']._serialized_start=357
-  _globals['_GETKEYREQUEST']._serialized_end=407
-  _globals['_LISTKEYSREQUEST']._serialized_start=409
-  _globals['_LISTKEYSREQUEST']._serialized_end=530
-  _globals['_LISTKEYSRESPONSE']._serialized_start=532
-  _globals['_LISTKEYSRESPONSE']._serialized_end=609
-  _globals['_UPDATEKEYREQUEST']._serialized_start=612
-  _globals['_UPDATEKEYREQUEST']._serialized_end=744
-  _globals['_ROTATEKEYREQUEST']._serialized_start=746
-  _globals['_ROTATEKEYREQUEST']._serialized_end=843
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=845
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=951
-  _globals['_REVOKEKEYREQUEST']._serialized_start=953
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1022
-  _globals['_LISTSCOPESREQUEST']._serialized_start=1024
-  _globals['_LISTSCOPESREQUEST']._serialized_end=1043
-  _globals['_LISTSCOPESRESPONSE']._serialized_start=1045
-  _globals['_LISTSCOPESRESPONSE']._serialized_end=1100
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1102
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1195
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1197
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1280
-  _globals['_KEYMANAGER']._serialized_start=1283
-  _globals['_KEYMANAGER']._serialized_end=1851
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016com.apikeys.v1B\017KeyManagerProtoP\001Z#apikeys/gen/go/apikeys/v1;apikeysv1\252\002\nApikeys.V1'
+  _globals['_CREATEKEYREQUEST']._serialized_start=170
+  _globals['_CREATEKEYREQUEST']._serialized_end=306
+  _globals['_CREATEKEYRESPONSE']._serialized_start=308
+  _globals['_CREATEKEYRESPONSE']._serialized_end=376
+  _globals['_GETKEYREQUEST']._serialized_start=378
+  _globals['_GETKEYREQUEST']._serialized_end=428
+  _globals['_LISTKEYSREQUEST']._serialized_start=430
+  _globals['_LISTKEYSREQUEST']._serialized_end=551
+  _globals['_LISTKEYSRESPONSE']._serialized_start=553
+  _globals['_LISTKEYSRESPONSE']._serialized_end=630
+  _globals['_UPDATEKEYREQUEST']._serialized_start=633
+  _globals['_UPDATEKEYREQUEST']._serialized_end=765
+  _globals['_ROTATEKEYREQUEST']._serialized_start=767
+  _globals['_ROTATEKEYREQUEST']._serialized_end=884
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=886
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=992
+  _globals['_REVOKEKEYREQUEST']._serialized_start=994
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1063
+  _globals['_LISTSCOPESREQUEST']._serialized_start=1065
+  _globals['_LISTSCOPESREQUEST']._serialized_end=1084
+  _globals['_LISTSCOPESRESPONSE']._serialized_start=1086
+  _globals['_LISTSCOPESRESPONSE']._serialized_end=1141
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1143
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1236
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1238
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1321
+  _globals['_KEYMANAGER']._serialized_start=1324
+  _globals['_KEYMANAGER']._serialized_end=1892
 # @@protoc_insertion_point(module_scope)

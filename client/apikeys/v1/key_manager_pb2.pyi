@@ -30,10 +30,21 @@ class CreateKeyRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Empty: the caller's own tenant (tenant callers only)."""
     name: _builtins.str
     """1-64 characters of letters, digits, '.', '_', '-', e.g. "crm-sync-prod"."""
+    request_id: _builtins.str
+    """Optional; makes retries safe (AIP-155). A client-chosen id of this request, e.g. a UUID:
+    1-64 printable ASCII characters; anything else is INVALID_ARGUMENT. Send the same id when
+    retrying the same request. Within 24 hours a retry never creates a second key: it answers
+    ALREADY_EXISTS, naming the key already created; that key's secret is never shown again
+    (if it was lost, revoke the key and create another). The same id with a different
+    request (tenant, name, scopes or expire_time) is INVALID_ARGUMENT. Ids are scoped to the
+    caller's tenant (all platform keys share one scope); after 24 hours an id may be reused.
+    Empty: no deduplication.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """At least one; each must be in the catalog (see ListScopes)."""
@@ -49,10 +60,11 @@ class CreateKeyRequest(_message.Message):
         name: _builtins.str = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "name", b"name", "scopes", b"scopes", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "name", b"name", "request_id", b"request_id", "scopes", b"scopes", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,8 +217,15 @@ class RotateKeyRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     OVERLAP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     key_id: _builtins.str
+    request_id: _builtins.str
+    """Optional; makes retries safe (AIP-155), as CreateKeyRequest.request_id: within 24 hours a
+    retry with the same id answers ALREADY_EXISTS naming the successor key already created
+    (its secret is not shown again); the same id with a different request (tenant, key_id or
+    overlap) is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def overlap(self) -> _duration_pb2.Duration:
         """How long the previous key keeps working; 0 ends it at once. Never past its own expiry."""
@@ -217,10 +236,11 @@ class RotateKeyRequest(_message.Message):
         tenant_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
         overlap: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["overlap", b"overlap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "overlap", b"overlap", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "overlap", b"overlap", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

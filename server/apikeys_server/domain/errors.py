@@ -5,6 +5,7 @@ DomainError
 ├── Unauthenticated      no caller key, or one that does not verify
 ├── PermissionDenied     the caller's key lacks the scope or the tenant
 ├── NotFound             no such key for this tenant (also another tenant's key)
+├── AlreadyExists        a retried request (same request_id) already created its key
 ├── FailedPrecondition   the key's state forbids the change (revoked, already rotated)
 ├── ResourceExhausted    a limit of this server is reached; retry later or elsewhere
 └── Unavailable          the database cannot be reached; retry later
@@ -28,6 +29,10 @@ class PermissionDenied(DomainError):
 
 
 class NotFound(DomainError):
+    pass
+
+
+class AlreadyExists(DomainError):
     pass
 
 

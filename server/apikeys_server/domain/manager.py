@@ -6,6 +6,7 @@ Verify served here sees the change; other processes learn of it from the feed.
 """
 
 import base64
+import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -16,7 +17,12 @@ from apikeys_server.domain import pagination
 from apikeys_server.domain import scopes as reserved
 from apikeys_server.domain.access import Caller
 from apikeys_server.domain.clock import Clock
-from apikeys_server.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from apikeys_server.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from apikeys_server.domain.key_format import KeyFormat, digest
 from apikeys_server.domain.ports import KeyQuery, KeyStore, KeyWriter
 from apikeys_server.domain.records import (
@@ -25,6 +31,7 @@ from apikeys_server.domain.records import (
     KeyEvent,
     KeyRecord,
     KeyState,
+    RequestRecord,
 )
 from apikeys_server.domain.scopes import Scope, ScopeCatalog
 from apikeys_server.domain.validation import (
@@ -33,10 +40,16 @@ from apikeys_server.domain.validation import (
     validate_key_id,
     validate_name,
     validate_reason,
+    validate_request_id,
     validate_tenant,
 )
 
 UPDATABLE_FIELDS = ("name", "scopes")
+# How long a request_id is remembered (AIP-155): a retry within this never makes a second key.
+REQUEST_ID_TTL = timedelta(hours=24)
+# Expired request ids each create or rotate deletes (in its own transaction, skipping any
+# another is deleting): more than one per call, so the table holds about a day of ids.
+REQUEST_PRUNE_BATCH = 100
 T = TypeVar("T")
 
 
@@ -62,6 +75,11 @@ class IssuedKey:
 class Rotation:
     issued: IssuedKey
     previous: KeyRecord
+
+
+def _fingerprint(*parts: str) -> str:
+    """What a request asked for, for telling a retry from another request with the same id."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 def _show_time(value: datetime | None) -> str:
@@ -96,10 +114,21 @@ class KeyManager:
         name: str,
         scopes: Iterable[str],
         expire_time: datetime | None,
+        request_id: str = "",
     ) -> IssuedKey:
+        """``request_id`` (optional, AIP-155): a retry with the same one never makes a second
+        key; it raises AlreadyExists naming the key made (see ``_claim``)."""
         caller.require(reserved.MANAGE)
         tenant = caller.resolve_tenant(tenant_id)
-        return self.create_unchecked(tenant, name, scopes, expire_time, actor_key_id=caller.key_id)
+        return self.create_unchecked(
+            tenant,
+            name,
+            scopes,
+            expire_time,
+            actor_key_id=caller.key_id,
+            request_id=request_id,
+            request_scope=caller.tenant_id,
+        )
 
     def create_unchecked(
         self,
@@ -108,16 +137,26 @@ class KeyManager:
         scopes: Iterable[str],
         expire_time: datetime | None,
         actor_key_id: str = "",
+        request_id: str = "",
+        request_scope: str = "",
     ) -> IssuedKey:
         """Create without a caller: for the operator's `admin-key` command only."""
         tenant = validate_tenant(tenant_id)
         validate_name(name)
         granted = self._catalog.validate_grant(scopes)
+        request = validate_request_id(request_id)
         now = self._clock.now()
-        if expire_time is not None and expire_time <= now:
-            raise InvalidArgument("expire_time must be in the future")
         issued = self._issue(tenant, name, granted, expire_time, now)
         with self._store.transaction() as tx:
+            if request is not None:
+                asked = _fingerprint(
+                    "create", tenant, name, _show_scopes(granted), _show_time(expire_time)
+                )
+                claim = RequestRecord(request_scope, request, asked, issued.key.id, now)
+                self._claim(tx, claim, "created key")
+            # After the claim: a retry answers "already created" even once this has passed.
+            if expire_time is not None and expire_time <= now:
+                raise InvalidArgument("expire_time must be in the future")
             tx.insert_key(issued.key)
             self._record(
                 tx, issued.key, EventAction.CREATED, actor_key_id, now, self._created(issued.key)
@@ -212,7 +251,15 @@ class KeyManager:
             self._record(tx, key, EventAction.UPDATED, caller.key_id, now, changes)
         return updated
 
-    def rotate(self, caller: Caller, tenant_id: str, key_id: str, overlap: timedelta) -> Rotation:
+    def rotate(
+        self,
+        caller: Caller,
+        tenant_id: str,
+        key_id: str,
+        overlap: timedelta,
+        request_id: str = "",
+    ) -> Rotation:
+        """``request_id``: as for ``create``; a retry names the successor already made."""
         caller.require(reserved.MANAGE)
         tenant = caller.resolve_tenant(tenant_id)
         validate_key_id(key_id)
@@ -222,13 +269,22 @@ class KeyManager:
             raise InvalidArgument(
                 f"overlap must be at most {self._max_overlap} (APIKEYS_MAX_ROTATION_OVERLAP)"
             )
+        request = validate_request_id(request_id)
         now = self._clock.now()
+        successor_id = new_id("key")
         with self._store.transaction() as tx:
+            if request is not None:
+                asked = _fingerprint("rotate", tenant, key_id, str(overlap // timedelta(0, 0, 1)))
+                claim = RequestRecord(caller.tenant_id, request, asked, successor_id, now)
+                # Before the key's state: a retry finds the key already rotated.
+                self._claim(tx, claim, f"rotated key {key_id} to")
             old = self._active_for_change(tx, tenant, key_id, "rotate", now, allow_expired=False)
             end = now + overlap
             if old.expire_time is not None:
                 end = min(end, old.expire_time)
-            issued = self._issue(tenant, old.name, old.scopes, None, now, rotated_from=old.id)
+            issued = self._issue(
+                tenant, old.name, old.scopes, None, now, rotated_from=old.id, key_id=successor_id
+            )
             previous = replace(old, replaced_by=issued.key.id, expire_time=end)
             tx.insert_key(issued.key)
             tx.update_key(previous)
@@ -267,10 +323,11 @@ class KeyManager:
         expire_time: datetime | None,
         now: datetime,
         rotated_from: str | None = None,
+        key_id: str | None = None,
     ) -> IssuedKey:
         secret = self._format.generate()
         key = KeyRecord(
-            id=new_id("key"),
+            id=key_id or new_id("key"),
             tenant_id=tenant_id,
             name=name,
             scopes=scopes,
@@ -281,6 +338,30 @@ class KeyManager:
             rotated_from=rotated_from,
         )
         return IssuedKey(key, secret)
+
+    @staticmethod
+    def _claim(tx: KeyWriter, claim: RequestRecord, done: str) -> None:
+        """Records the request's id with the key it makes, in the key's transaction, or refuses
+        a retry. A retry is ALREADY_EXISTS, not FAILED_PRECONDITION: the thing it asks to
+        create exists, and no change of state will ever make the retry succeed; a client can
+        tell "my first attempt worked" from the conflicts FAILED_PRECONDITION reports."""
+        stale_before = claim.create_time - REQUEST_ID_TTL
+        tx.prune_requests(stale_before, REQUEST_PRUNE_BATCH)
+        earlier = tx.claim_request(claim, stale_before)
+        if earlier is None:
+            return
+        if earlier.fingerprint != claim.fingerprint:
+            raise InvalidArgument(
+                f"request_id {shown(claim.request_id)} reused for a different request "
+                f"(that one made key {earlier.key_id} at {_show_time(earlier.create_time)}); "
+                "send a new request_id with each new request"
+            )
+        raise AlreadyExists(
+            f"this request was already done: request_id {shown(claim.request_id)} {done} "
+            f"{earlier.key_id} at {_show_time(earlier.create_time)}; its secret was shown only "
+            f"in that response and cannot be shown again. If the secret was lost, revoke key "
+            f"{earlier.key_id} and create a new key"
+        )
 
     @staticmethod
     def _active_for_change(

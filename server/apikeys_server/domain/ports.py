@@ -7,7 +7,13 @@ from datetime import datetime
 from typing import Protocol
 
 from apikeys_server.domain.pagination import Cursor
-from apikeys_server.domain.records import EventAction, KeyChange, KeyEvent, KeyRecord
+from apikeys_server.domain.records import (
+    EventAction,
+    KeyChange,
+    KeyEvent,
+    KeyRecord,
+    RequestRecord,
+)
 
 
 class KeyLookup(Protocol):
@@ -38,6 +44,18 @@ class KeyWriter(Protocol):
 
     def record_change(self, key: KeyRecord, kind: EventAction, time: datetime) -> None:
         """Adds the change to the feed, committed with the transaction (and only then)."""
+        ...
+
+    def claim_request(self, request: RequestRecord, stale_before: datetime) -> RequestRecord | None:
+        """Records ``request``, committed with the transaction, and returns None; unless a
+        request with the same caller tenant and id, recorded at or after ``stale_before``, is
+        already committed (or commits concurrently: this waits for it): then nothing is written
+        and that request is returned. An older one is replaced."""
+        ...
+
+    def prune_requests(self, before: datetime, limit: int) -> None:
+        """Deletes at most ``limit`` requests recorded before ``before``, skipping any another
+        transaction holds (so concurrent creates never wait on each other here)."""
         ...
 
 

@@ -74,3 +74,20 @@ class KeyEvent:
     action: EventAction
     actor_key_id: str
     changes: tuple[FieldChange, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """The id of a request that created a key (AIP-155), kept for a day so that a retry of it
+    never creates a second key.
+
+    ``caller_tenant_id`` scopes the id: the caller's own tenant (every platform key shares
+    ``_platform``). ``fingerprint`` is a digest of what the request asked for, so the same id
+    sent with another request is refused. ``key_id``: the key it created (a rotation's successor).
+    """
+
+    caller_tenant_id: str
+    request_id: str
+    fingerprint: str
+    key_id: str
+    create_time: datetime

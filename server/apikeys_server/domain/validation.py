@@ -11,6 +11,8 @@ TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PLATFORM_TENANT: Final = "_platform"
 KEY_ID_PATTERN: Final = re.compile(r"key_[a-z0-9]{1,40}")
 MAX_REASON_LENGTH: Final = 256
+# AIP-155 request ids: a UUID, or any client-chosen printable ASCII string.
+REQUEST_ID_PATTERN: Final = re.compile(r"[\x20-\x7e]{1,64}")
 
 
 def shown(text: str) -> str:
@@ -52,3 +54,14 @@ def validate_reason(reason: str) -> str:
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidArgument(f"reason is at most {MAX_REASON_LENGTH} characters")
     return reason
+
+
+def validate_request_id(request_id: str) -> str | None:
+    """None for an empty request_id (no deduplication), else the id itself."""
+    if not request_id:
+        return None
+    if not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise InvalidArgument(
+            f"request_id {shown(request_id)} must be 1-64 printable ASCII characters, e.g. a UUID"
+        )
+    return request_id

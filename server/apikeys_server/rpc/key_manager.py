@@ -24,7 +24,12 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
             request.expire_time, "expire_time", request.HasField("expire_time")
         )
         issued = self._manager.create(
-            caller, request.tenant_id, request.name, request.scopes, expire_time
+            caller,
+            request.tenant_id,
+            request.name,
+            request.scopes,
+            expire_time,
+            request_id=request.request_id,
         )
         return key_manager_pb2.CreateKeyResponse(
             key=convert.api_key(issued.key, self._clock.now()), secret=issued.secret
@@ -78,7 +83,9 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
     ) -> key_manager_pb2.RotateKeyResponse:
         caller = self._verifier.authenticate(caller_key(context))
         overlap = convert.duration(request.overlap, "overlap")
-        rotation = self._manager.rotate(caller, request.tenant_id, request.key_id, overlap)
+        rotation = self._manager.rotate(
+            caller, request.tenant_id, request.key_id, overlap, request_id=request.request_id
+        )
         now = self._clock.now()
         return key_manager_pb2.RotateKeyResponse(
             key=convert.api_key(rotation.issued.key, now),

@@ -113,7 +113,27 @@ class FeedHorizonRow(Base):
     pruned_through: Mapped[int] = mapped_column(BigInteger)
 
 
+class KeyRequestRow(Base):
+    """Ids of requests that created a key (AIP-155), kept 24 hours: a retry (the same id from
+    the same caller tenant) never creates a second key. Written in the key's transaction; the
+    primary key makes concurrent duplicates safe (the second waits, then finds the first)."""
+
+    __tablename__ = "key_requests"
+
+    # The caller's tenant ("_platform" for platform keys): request ids are scoped to it.
+    caller_tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # SHA-256 (hex) of what the request asked for: the same id with another request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # The key the request created (for a rotation, the successor).
+    key_id: Mapped[str] = mapped_column(String(40))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_key_requests_create_time", "create_time"),)
+
+
 api_keys: Table = ApiKeyRow.__table__  # type: ignore[assignment]
 key_events: Table = KeyEventRow.__table__  # type: ignore[assignment]
 key_changes: Table = KeyChangeRow.__table__  # type: ignore[assignment]
 feed_horizon: Table = FeedHorizonRow.__table__  # type: ignore[assignment]
+key_requests: Table = KeyRequestRow.__table__  # type: ignore[assignment]

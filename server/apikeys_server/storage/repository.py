@@ -13,21 +13,30 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    delete,
     func,
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
-from apikeys_server.domain.errors import Unavailable
+from apikeys_server.domain.errors import FailedPrecondition, Unavailable
 from apikeys_server.domain.pagination import Cursor
 from apikeys_server.domain.ports import KeyQuery
-from apikeys_server.domain.records import EventAction, FieldChange, KeyEvent, KeyRecord
+from apikeys_server.domain.records import (
+    EventAction,
+    FieldChange,
+    KeyEvent,
+    KeyRecord,
+    RequestRecord,
+)
 from apikeys_server.storage.database import Database
 from apikeys_server.storage.errors import database_errors
 from apikeys_server.storage.feed import append_changes, change_row
-from apikeys_server.storage.models import api_keys, key_events
+from apikeys_server.storage.models import api_keys, key_events, key_requests
 
 # SQLSTATE query_canceled: the server's statement_timeout passed.
 _STATEMENT_TIMEOUT = "57014"
@@ -59,6 +68,33 @@ _TOUCH = (
         or_(api_keys.c.last_used_time.is_(None), api_keys.c.last_used_time < bindparam("used")),
     )
     .values(last_used_time=bindparam("used"))
+)
+_REQUEST_KEY = (key_requests.c.caller_tenant_id, key_requests.c.request_id)
+_CLAIM = {
+    # Both wait for a concurrent transaction inserting the same key, then do nothing.
+    "postgresql": postgresql.insert(key_requests)
+    .on_conflict_do_nothing()
+    .returning(key_requests.c.request_id),
+    "sqlite": sqlite.insert(key_requests)
+    .on_conflict_do_nothing()
+    .returning(key_requests.c.request_id),
+}
+_RECLAIM_STALE = (
+    update(key_requests)
+    .where(
+        key_requests.c.caller_tenant_id == bindparam("b_caller_tenant_id"),
+        key_requests.c.request_id == bindparam("b_request_id"),
+        key_requests.c.create_time < bindparam("b_stale_before"),
+    )
+    .values(
+        fingerprint=bindparam("b_fingerprint"),
+        key_id=bindparam("b_key_id"),
+        create_time=bindparam("b_create_time"),
+    )
+)
+_REQUEST_BY_ID = select(key_requests).where(
+    key_requests.c.caller_tenant_id == bindparam("caller_tenant_id"),
+    key_requests.c.request_id == bindparam("request_id"),
 )
 
 
@@ -212,6 +248,47 @@ class SqlTransaction:
     def record_change(self, key: KeyRecord, kind: EventAction, time: datetime) -> None:
         # Appended at the end of the transaction: see storage/feed.py for why.
         self.changes.append(change_row(key.id, key.tenant_id, key.digest, kind, time))
+
+    def claim_request(self, request: RequestRecord, stale_before: datetime) -> RequestRecord | None:
+        row = {
+            "caller_tenant_id": request.caller_tenant_id,
+            "request_id": request.request_id,
+            "fingerprint": request.fingerprint,
+            "key_id": request.key_id,
+            "create_time": request.create_time,
+        }
+        # PostgreSQL (read committed): the insert waits for a concurrent one of the same id and
+        # then does nothing; each later statement sees what that one committed. SQLite: writers
+        # are serialised (BEGIN IMMEDIATE), so there is nothing concurrent to wait for.
+        connection = self._connection
+        # RETURNING, not rowcount: psycopg reports no rowcount for INSERT ... ON CONFLICT.
+        if connection.execute(_CLAIM[connection.dialect.name], row).first() is not None:
+            return None
+        reclaim = {"b_" + name: value for name, value in row.items()}
+        reclaim["b_stale_before"] = stale_before
+        if connection.execute(_RECLAIM_STALE, reclaim).rowcount:
+            return None
+        found = connection.execute(_REQUEST_BY_ID, row).first()
+        if found is None:  # deleted between the statements: only a stale row is ever deleted
+            raise FailedPrecondition("the change conflicts with a concurrent one; retry")
+        return RequestRecord(
+            caller_tenant_id=found.caller_tenant_id,
+            request_id=found.request_id,
+            fingerprint=found.fingerprint,
+            key_id=found.key_id,
+            create_time=found.create_time,
+        )
+
+    def prune_requests(self, before: datetime, limit: int) -> None:
+        # SKIP LOCKED (PostgreSQL; SQLite has no FOR UPDATE and no concurrent writers): rows
+        # another create is pruning are left to it, so creates never queue behind each other.
+        expired = (
+            select(*_REQUEST_KEY)
+            .where(key_requests.c.create_time < before)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        self._connection.execute(delete(key_requests).where(tuple_(*_REQUEST_KEY).in_(expired)))
 
 
 # Told, after each commit, the digests it changed and their feed positions.
