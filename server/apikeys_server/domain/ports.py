@@ -7,11 +7,17 @@ from datetime import datetime
 from typing import Protocol
 
 from apikeys_server.domain.pagination import Cursor
-from apikeys_server.domain.records import EventAction, KeyChange, KeyEvent, KeyRecord
+from apikeys_server.domain.records import (
+    EventAction,
+    KeyChange,
+    KeyEvent,
+    KeyRecord,
+    VerifyRecord,
+)
 
 
 class KeyLookup(Protocol):
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None: ...
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None: ...
 
 
 class UsageRecorder(Protocol):

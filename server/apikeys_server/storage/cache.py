@@ -18,7 +18,7 @@ from typing import Final, Generic, TypeVar
 from cachetools import LRUCache
 
 from apikeys_server.domain.ports import KeyLookup
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import VerifyRecord
 
 
 class _Miss:
@@ -87,7 +87,7 @@ class KeyCache:
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lock = threading.Lock()
-        self._positive: _TtlLru[KeyRecord] | None = (
+        self._positive: _TtlLru[VerifyRecord] | None = (
             _TtlLru(maxsize, ttl, timer) if maxsize > 0 and ttl > 0 else None
         )
         self._negative: _TtlLru[None] | None = (
@@ -107,7 +107,7 @@ class KeyCache:
     def generation(self) -> int:
         return self._generation
 
-    def get(self, digest: bytes) -> KeyRecord | _Miss | None:
+    def get(self, digest: bytes) -> VerifyRecord | _Miss | None:
         now = self._timer()
         if now > self._trusted_until:
             return MISS
@@ -120,7 +120,7 @@ class KeyCache:
                 return None
         return MISS
 
-    def put(self, digest: bytes, record: KeyRecord | None, generation: int) -> None:
+    def put(self, digest: bytes, record: VerifyRecord | None, generation: int) -> None:
         """Stores a lookup's answer unless an eviction happened since the lookup began."""
         with self._lock:
             if generation != self._generation:
@@ -163,7 +163,7 @@ class CachedKeyLookup:
         self._source = source
         self._cache = cache
 
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
         cached = self._cache.get(digest)
         if not isinstance(cached, _Miss):
             return cached
