@@ -1,7 +1,9 @@
 """The Verify cache: positive and negative entries, bounds, TTL, eviction and its race guard."""
 
+import math
 import threading
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from apikeys_server.domain.records import VerifyRecord
 from apikeys_server.storage.cache import MISS, CachedKeyLookup, KeyCache
@@ -62,6 +64,22 @@ class TestKeyCache:
         assert cache.get(digest_of(1)) is MISS
         put(cache, 1, record(1))
         assert cache.get(digest_of(1)) == record(1)
+
+    def test_stored_copy_keeps_every_field(self) -> None:
+        """The cache stores a copy stamped with its expiry: equal in every field of the key."""
+        timer = FakeTimer()
+        cache = make_cache(ttl=5.0, timer=timer)
+        full = replace(
+            record(1),
+            scopes=frozenset({"passes:read", "passes:write"}),
+            expire_time=datetime(2030, 1, 1, tzinfo=UTC),
+            revoked=True,
+        )
+        put(cache, 1, full)
+        stored = cache.get(digest_of(1))
+        assert isinstance(stored, VerifyRecord)
+        assert stored == full
+        assert (full.cached_until, stored.cached_until) == (math.inf, timer.now + 5.0)
 
     def test_negative_entry(self) -> None:
         """A stored 'no such key' answers None, distinct from MISS."""

@@ -1,7 +1,8 @@
 """Immutable records of keys and audit events: what the storage returns and the cache holds."""
 
 import enum
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -46,6 +47,10 @@ class VerifyRecord:
     what the rules and the answer need: no hint, creation or last-used time, revoke reason or
     rotation links, each of which costs memory per cached key. ``digest`` is the cache's own
     key object (shared, not copied).
+
+    ``cached_until`` is the Verify cache's: it stores a copy stamped with the time (on its own
+    monotonic timer) past which the copy is stale, instead of a (record, expiry) pair, 56
+    bytes less a cached key. It says nothing about the key: equality ignores it.
     """
 
     id: str
@@ -55,6 +60,7 @@ class VerifyRecord:
     digest: bytes
     expire_time: datetime | None = None
     revoked: bool = False
+    cached_until: float = field(default=math.inf, compare=False, repr=False)
 
     @classmethod
     def of(cls, key: KeyRecord) -> "VerifyRecord":
@@ -66,6 +72,23 @@ class VerifyRecord:
             key.digest,
             key.expire_time,
             key.revoke_time is not None,
+        )
+
+    def cached(self, until: float) -> "VerifyRecord":
+        """This record as the cache stores it: a copy that is stale past ``until``.
+
+        Spelled out rather than dataclasses.replace(), which costs twice as much on each cache
+        miss; every field is copied (tests compare a stored copy with all fields set).
+        """
+        return VerifyRecord(
+            id=self.id,
+            tenant_id=self.tenant_id,
+            name=self.name,
+            scopes=self.scopes,
+            digest=self.digest,
+            expire_time=self.expire_time,
+            revoked=self.revoked,
+            cached_until=until,
         )
 
     def state(self, now: datetime) -> KeyState:
