@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
         help="only this: Verify cache hits on `serve --processes 1` vs `--processes 2`, "
         "same load generator and load (make bench-processes)",
     )
+    parser.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="only the memory figure (--rss-keys cached keys; about a minute); writes nothing",
+    )
     parser.add_argument("--json", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--markdown", type=Path, help="default: BENCHMARKS.md (never in smoke)")
     return parser
@@ -321,6 +326,16 @@ def _compare_processes(options: Options, pin: bool, json_path: Path | None) -> i
 SUB_COMMANDS = ("propagation", "faults")
 
 
+def _memory_only(options: Options) -> int:
+    with tempfile.TemporaryDirectory(prefix="apikeys-bench-") as temporary:
+        rss = _rss(options, Path(temporary))
+    print(report.memory_line(rss))
+    if not rss["within_bound"]:
+        print(f"caches past their bound: {rss['sizes_after_overflow']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     if given and given[0] in SUB_COMMANDS:
@@ -332,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _options(args)
     if args.processes_compare:
         return _compare_processes(options, pin=not args.no_pin, json_path=args.json)
+    if args.rss_only:
+        return _memory_only(options)
     arguments = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python -m bench", *([shlex.join(arguments)] if arguments else [])])
     info = report.machine()

@@ -376,16 +376,7 @@ def markdown_section(
         "",
     ]
     if rss is not None:
-        lines += [
-            f"Memory (server process RSS, {rss['keys']:,} keys, cache bound {rss['bound']:,}): "
-            f"empty {rss['rss_empty_bytes'] / 2**20:.0f} MB; {rss['keys']:,} keys cached "
-            f"+{rss['positive_delta_bytes'] / 2**20:.1f} MB "
-            f"({rss['positive_delta_bytes'] / max(1, rss['keys']):.0f} bytes a key); "
-            f"{rss['keys']:,} unknown keys in the negative cache as well "
-            f"+{rss['negative_delta_bytes'] / 2**20:.1f} MB "
-            f"({rss['negative_delta_bytes'] / max(1, rss['keys']):.0f} bytes each).",
-            "",
-        ]
+        lines += [memory_line(rss), ""]
     lines.append(END)
     return "\n".join(lines)
 
@@ -420,3 +411,16 @@ def as_json(
         "rss": rss,
         "rounds": [[asdict(m) for m in round_] for round_ in rounds],
     }
+
+
+def memory_line(rss: dict[str, Any]) -> str:
+    """The memory figure of ``bench.rss`` in one sentence."""
+    return (
+        f"Memory (server process RSS, {rss['keys']:,} keys, cache bound {rss['bound']:,}): "
+        f"empty {rss['rss_empty_bytes'] / 2**20:.0f} MB; {rss['keys']:,} keys cached "
+        f"+{rss['positive_delta_bytes'] / 2**20:.1f} MB "
+        f"({rss['positive_delta_bytes'] / max(1, rss['keys']):.0f} bytes a key); "
+        f"{rss['keys']:,} unknown keys in the negative cache as well "
+        f"+{rss['negative_delta_bytes'] / 2**20:.1f} MB "
+        f"({rss['negative_delta_bytes'] / max(1, rss['keys']):.0f} bytes each)."
+    )

@@ -17,7 +17,7 @@ from apikeys_server.domain.key_format import KeyFormat
 from apikeys_server.domain.manager import new_id
 from apikeys_server.domain.pagination import Cursor
 from apikeys_server.domain.ports import KeyQuery
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import KeyRecord, VerifyRecord
 from apikeys_server.storage import migrate
 from apikeys_server.storage.database import open_database
 from apikeys_server.storage.repository import SqlKeyStore
@@ -64,7 +64,7 @@ def _assert_utc(*values: datetime | None) -> None:
 
 class TestRoundTrip:
     def test_insert_then_get_and_find_by_digest(self, store: SqlKeyStore) -> None:
-        """A record comes back equal by id and by digest, every field intact."""
+        """A record comes back equal by id, every field intact; by digest, what Verify reads."""
         record = _record(
             expire_time=T0 + timedelta(days=30, microseconds=1),
             revoke_time=T0 + timedelta(seconds=1, microseconds=999999),
@@ -77,7 +77,9 @@ class TestRoundTrip:
         by_id = store.get_key("acme", record.id)
         by_digest = store.find_by_digest(record.digest)
         assert by_id == record
-        assert by_digest == record
+        assert by_digest == VerifyRecord.of(record)
+        assert by_digest.revoked
+        assert store._find_by_digest_via_connection(record.digest) == by_digest
 
     def test_datetimes_come_back_aware_utc_with_microseconds(self, store: SqlKeyStore) -> None:
         """Aware datetimes in any zone come back as the same instant, in UTC, microseconds kept."""
@@ -120,7 +122,7 @@ class TestRoundTrip:
         with pytest.raises(FailedPrecondition):
             _insert(store, clash)
         assert store.get_key("acme", clash.id) is None
-        assert store.find_by_digest(first.digest) == first
+        assert store.find_by_digest(first.digest) == VerifyRecord.of(first)
 
 
 class TestUpdate:
@@ -240,7 +242,7 @@ class TestTransactions:
         record = _record()
         assert store.find_by_digest(record.digest) is None
         _insert(store, record)
-        assert store.find_by_digest(record.digest) == record
+        assert store.find_by_digest(record.digest) == VerifyRecord.of(record)
 
 
 class TestUnavailable:

@@ -1,24 +1,21 @@
 """The Verify cache: positive and negative entries, bounds, TTL, eviction and its race guard."""
 
+import math
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import VerifyRecord
 from apikeys_server.storage.cache import MISS, CachedKeyLookup, KeyCache
 
-CREATED = datetime(2025, 6, 1, tzinfo=UTC)
 
-
-def record(n: int) -> KeyRecord:
-    return KeyRecord(
+def record(n: int) -> VerifyRecord:
+    return VerifyRecord(
         id=f"key_{n}",
         tenant_id="acme",
         name="crm-sync-prod",
         scopes=frozenset({"passes:read"}),
-        hint="ak_abcd…",
         digest=digest_of(n),
-        create_time=CREATED,
     )
 
 
@@ -44,18 +41,18 @@ def make_cache(
     return KeyCache(maxsize, ttl, negative_maxsize, negative_ttl, timer or FakeTimer())
 
 
-def put(cache: KeyCache, n: int, value: KeyRecord | None) -> None:
+def put(cache: KeyCache, n: int, value: VerifyRecord | None) -> None:
     cache.put(digest_of(n), value, cache.generation)
 
 
 class CountingSource:
     """A fake KeyLookup port over a dict that counts lookups."""
 
-    def __init__(self, *records: KeyRecord) -> None:
+    def __init__(self, *records: VerifyRecord) -> None:
         self.records = {r.digest: r for r in records}
         self.calls = 0
 
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
         self.calls += 1
         return self.records.get(digest)
 
@@ -67,6 +64,22 @@ class TestKeyCache:
         assert cache.get(digest_of(1)) is MISS
         put(cache, 1, record(1))
         assert cache.get(digest_of(1)) == record(1)
+
+    def test_stored_copy_keeps_every_field(self) -> None:
+        """The cache stores a copy stamped with its expiry: equal in every field of the key."""
+        timer = FakeTimer()
+        cache = make_cache(ttl=5.0, timer=timer)
+        full = replace(
+            record(1),
+            scopes=frozenset({"passes:read", "passes:write"}),
+            expire_time=datetime(2030, 1, 1, tzinfo=UTC),
+            revoked=True,
+        )
+        put(cache, 1, full)
+        stored = cache.get(digest_of(1))
+        assert isinstance(stored, VerifyRecord)
+        assert stored == full
+        assert (full.cached_until, stored.cached_until) == (math.inf, timer.now + 5.0)
 
     def test_negative_entry(self) -> None:
         """A stored 'no such key' answers None, distinct from MISS."""
@@ -242,7 +255,7 @@ class TestCachedKeyLookup:
         cache = make_cache()
         lookup = CachedKeyLookup(source, cache)
         lookup.find_by_digest(digest_of(1))
-        changed = replace(record(1), revoke_reason="leaked")
+        changed = replace(record(1), revoked=True)
         source.records[digest_of(1)] = changed
         cache.evict(digest_of(1))
         assert lookup.find_by_digest(digest_of(1)) == changed
@@ -266,7 +279,7 @@ class TestCachedKeyLookup:
         class EvictingSource:
             calls = 0
 
-            def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+            def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
                 self.calls += 1
                 cache.evict(digest)  # a revocation commits while this read is in flight
                 return stale
@@ -283,7 +296,7 @@ class TestCachedKeyLookup:
         cache = make_cache()
 
         class EvictingSource:
-            def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+            def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
                 cache.evict(digest)
                 return None
 

@@ -9,7 +9,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from apikeys.v1 import api_key_pb2, key_verifier_pb2
 from apikeys_server.domain.errors import InvalidArgument
 from apikeys_server.domain.key_format import KeyFormat, digest
-from apikeys_server.domain.records import EventAction, FieldChange, KeyEvent, KeyRecord
+from apikeys_server.domain.records import (
+    EventAction,
+    FieldChange,
+    KeyEvent,
+    KeyRecord,
+    VerifyRecord,
+)
 from apikeys_server.domain.scopes import Scope
 from apikeys_server.domain.verification import (
     MALFORMED,
@@ -37,6 +43,11 @@ def record(**changes: object) -> KeyRecord:
     }
     fields.update(changes)
     return KeyRecord(**fields)  # type: ignore[arg-type]
+
+
+def found(**changes: object) -> VerifyRecord:
+    """The record the Verify lookup would find for ``record(**changes)``."""
+    return VerifyRecord.of(record(**changes))
 
 
 class TestApiKey:
@@ -174,7 +185,7 @@ class TestVerifyResponse:
 
     def test_valid_answer_follows_the_feed_position(self) -> None:
         """A reused VALID answer is rebuilt when the feed position moves."""
-        key = record()
+        key = found()
         first = convert.verify_response(VerifyResult(VerifyCode.VALID, key), 7)
         assert convert.verify_response(VerifyResult(VerifyCode.VALID, key), 7) is first
         later = convert.verify_response(VerifyResult(VerifyCode.VALID, key), 9)
@@ -182,7 +193,7 @@ class TestVerifyResponse:
 
     def test_valid_answer(self) -> None:
         """VALID answers 200 with the key's id, tenant, name, sorted scopes and expiry."""
-        key = record(expire_time=NOW + timedelta(days=1))
+        key = found(expire_time=NOW + timedelta(days=1))
         message = convert.verify_response(VerifyResult(VerifyCode.VALID, key), POSITION)
         assert message.valid
         assert message.code == key_verifier_pb2.VERIFY_CODE_VALID
@@ -198,7 +209,7 @@ class TestVerifyResponse:
 
     def test_insufficient_scope_answer(self) -> None:
         """INSUFFICIENT_SCOPE answers 403 listing the missing scopes."""
-        result = VerifyResult(VerifyCode.INSUFFICIENT_SCOPE, record(), ("a:b", "c:d"))
+        result = VerifyResult(VerifyCode.INSUFFICIENT_SCOPE, found(), ("a:b", "c:d"))
         message = convert.verify_response(result, POSITION)
         assert not message.valid
         assert message.code == key_verifier_pb2.VERIFY_CODE_INSUFFICIENT_SCOPE
@@ -214,7 +225,7 @@ class TestVerifyResponse:
     )
     def test_revoked_and_expired_answers(self, code: VerifyCode, proto_code: int) -> None:
         """REVOKED and EXPIRED answer 401 with the key identified."""
-        message = convert.verify_response(VerifyResult(code, record()), POSITION)
+        message = convert.verify_response(VerifyResult(code, found()), POSITION)
         assert not message.valid
         assert message.code == proto_code
         assert message.http_status == 401
@@ -222,7 +233,7 @@ class TestVerifyResponse:
 
     def test_never_contains_secret_or_digest(self) -> None:
         """A Verify answer never carries the key or its digest."""
-        result = VerifyResult(VerifyCode.VALID, record())
+        result = VerifyResult(VerifyCode.VALID, found())
         raw = convert.verify_response(result, POSITION).SerializeToString()
         assert SECRET.encode() not in raw
         assert digest(SECRET) not in raw
@@ -230,7 +241,7 @@ class TestVerifyResponse:
     def test_every_code_maps(self) -> None:
         """Each domain VerifyCode has its proto code of the same name."""
         for code in VerifyCode:
-            message = convert.verify_response(VerifyResult(code, record()), POSITION)
+            message = convert.verify_response(VerifyResult(code, found()), POSITION)
             assert key_verifier_pb2.VerifyCode.Name(message.code) == f"VERIFY_CODE_{code.name}"
 
 

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import KeyRecord, VerifyRecord
 from apikeys_server.domain.verification import (
     MALFORMED,
     MISSING,
@@ -18,7 +18,7 @@ NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 TENANT = "acme"
 
 
-def record(**changes: object) -> KeyRecord:
+def record(**changes: object) -> VerifyRecord:
     fields: dict[str, object] = {
         "id": "key_abc",
         "tenant_id": TENANT,
@@ -29,7 +29,7 @@ def record(**changes: object) -> KeyRecord:
         "create_time": NOW - timedelta(days=1),
     }
     fields.update(changes)
-    return KeyRecord(**fields)  # type: ignore[arg-type]
+    return VerifyRecord.of(KeyRecord(**fields))  # type: ignore[arg-type]
 
 
 class TestEvaluate:

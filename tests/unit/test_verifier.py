@@ -8,7 +8,7 @@ from apikeys_server.domain import scopes
 from apikeys_server.domain.access import Caller
 from apikeys_server.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from apikeys_server.domain.key_format import KeyFormat, digest
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import KeyRecord, VerifyRecord
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.validation import PLATFORM_TENANT
 from apikeys_server.domain.verification import VerifyCode
@@ -23,13 +23,13 @@ class DictLookup:
     """A fake KeyLookup port over a dict, recording every digest it was asked for."""
 
     def __init__(self) -> None:
-        self.records: dict[bytes, KeyRecord] = {}
+        self.records: dict[bytes, VerifyRecord] = {}
         self.calls: list[bytes] = []
 
-    def add(self, record: KeyRecord) -> None:
+    def add(self, record: VerifyRecord) -> None:
         self.records[record.digest] = record
 
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
         self.calls.append(digest)
         return self.records.get(digest)
 
@@ -52,19 +52,21 @@ class Harness:
 
     def key(
         self, tenant_id: str = "acme", key_scopes: set[str] | None = None, **changes
-    ) -> tuple[str, KeyRecord]:
-        """A fresh key and its stored record."""
+    ) -> tuple[str, VerifyRecord]:
+        """A fresh key and the record its lookup finds."""
         self._count += 1
         secret = FORMAT.generate()
-        record = KeyRecord(
-            id=f"key_{self._count}",
-            tenant_id=tenant_id,
-            name="crm-sync-prod",
-            scopes=frozenset(key_scopes if key_scopes is not None else {"passes:read"}),
-            hint=FORMAT.hint(secret),
-            digest=digest(secret),
-            create_time=START - timedelta(days=1),
-            **changes,
+        record = VerifyRecord.of(
+            KeyRecord(
+                id=f"key_{self._count}",
+                tenant_id=tenant_id,
+                name="crm-sync-prod",
+                scopes=frozenset(key_scopes if key_scopes is not None else {"passes:read"}),
+                hint=FORMAT.hint(secret),
+                digest=digest(secret),
+                create_time=START - timedelta(days=1),
+                **changes,
+            )
         )
         self.lookup.add(record)
         return secret, record

@@ -13,11 +13,12 @@ from apikeys_server.domain.records import (
     KeyEvent,
     KeyRecord,
     RequestRecord,
+    VerifyRecord,
 )
 
 
 class KeyLookup(Protocol):
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None: ...
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None: ...
 
 
 class UsageRecorder(Protocol):

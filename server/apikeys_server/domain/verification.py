@@ -4,7 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from apikeys_server.domain.records import KeyRecord, KeyState
+from apikeys_server.domain.records import KeyState, VerifyRecord, key_state
 
 
 class VerifyCode(enum.Enum):
@@ -25,7 +25,7 @@ class VerifyCode(enum.Enum):
 class VerifyResult:
     code: VerifyCode
     # The key, when one was found for the tenant (set for every code past NOT_FOUND).
-    key: KeyRecord | None = None
+    key: VerifyRecord | None = None
     missing_scopes: tuple[str, ...] = field(default=())
 
     @property
@@ -39,12 +39,12 @@ NOT_FOUND = VerifyResult(VerifyCode.NOT_FOUND)
 
 
 def evaluate(
-    key: KeyRecord | None, tenant_id: str, required_scopes: frozenset[str], now: datetime
+    key: VerifyRecord | None, tenant_id: str, required_scopes: frozenset[str], now: datetime
 ) -> VerifyResult:
     """Tenant first (another tenant's key is NOT_FOUND: existence never leaks), state, scopes."""
     if key is None or key.tenant_id != tenant_id:
         return NOT_FOUND
-    state = key.state(now)
+    state = key_state(key.revoked, key.expire_time, now)
     if state is KeyState.REVOKED:
         return VerifyResult(VerifyCode.REVOKED, key)
     if state is KeyState.EXPIRED:

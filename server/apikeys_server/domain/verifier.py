@@ -8,7 +8,7 @@ from apikeys_server.domain.clock import Clock
 from apikeys_server.domain.errors import InvalidArgument, Unauthenticated
 from apikeys_server.domain.key_format import KeyFormat, digest
 from apikeys_server.domain.ports import KeyLookup, UsageRecorder
-from apikeys_server.domain.records import KeyState
+from apikeys_server.domain.records import KeyState, key_state
 from apikeys_server.domain.scopes import ScopeCatalog
 from apikeys_server.domain.validation import shown
 from apikeys_server.domain.verification import MALFORMED, MISSING, VerifyResult, evaluate
@@ -66,7 +66,7 @@ class Verifier:
             raise Unauthenticated("x-api-key is not a known key")
         now = self._clock.now()
         # What evaluate() decides for a key in its own tenant with no scope required.
-        state = record.state(now)
+        state = key_state(record.revoked, record.expire_time, now)
         if state is not KeyState.ACTIVE:
             raise Unauthenticated(f"x-api-key {record.id} is {state.value}")
         self._usage.record(record.id, now)

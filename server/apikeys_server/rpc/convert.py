@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from apikeys.v1 import api_key_pb2, key_verifier_pb2
 from apikeys_server.domain.errors import InvalidArgument
 from apikeys_server.domain.ports import FeedUpdate
-from apikeys_server.domain.records import EventAction, KeyEvent, KeyRecord, KeyState
+from apikeys_server.domain.records import EventAction, KeyEvent, KeyRecord, KeyState, VerifyRecord
 from apikeys_server.domain.scopes import Scope
 from apikeys_server.domain.verification import VerifyCode, VerifyResult
 
@@ -126,7 +126,7 @@ def verify_response(result: VerifyResult, position: int) -> key_verifier_pb2.Ver
 
 
 def _keyed_response(
-    result: VerifyResult, key: KeyRecord, position: int
+    result: VerifyResult, key: VerifyRecord, position: int
 ) -> key_verifier_pb2.VerifyResponse:
     response = key_verifier_pb2.VerifyResponse(
         valid=result.valid,
@@ -163,7 +163,7 @@ def _not_found(position: int) -> key_verifier_pb2.VerifyResponse:
 # cache hit then builds no message. Keyed by digest and checked by identity, so a changed key
 # (a new record, evicted from the cache) never gets an old answer. Bounded: starts over when
 # full.
-_VALID_ANSWERS: dict[bytes, tuple[KeyRecord, int, key_verifier_pb2.VerifyResponse]] = {}
+_VALID_ANSWERS: dict[bytes, tuple[VerifyRecord, int, key_verifier_pb2.VerifyResponse]] = {}
 _VALID_ANSWERS_MAX = 2048  # each answer message holds ~1.6 KB
 
 # The NOT_FOUND answer at the latest position, replaced whole (one tuple: threads read it).

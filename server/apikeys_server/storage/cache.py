@@ -18,7 +18,7 @@ from typing import Final, Generic, TypeVar
 from cachetools import LRUCache
 
 from apikeys_server.domain.ports import KeyLookup
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import VerifyRecord
 
 
 class _Miss:
@@ -33,30 +33,23 @@ class _TtlLru(Generic[V]):
     """A ``cachetools.LRUCache`` whose entries also expire ``ttl`` seconds after being stored.
 
     cachetools' own TTLCache costs ~1 µs a read (it sweeps and relinks on every access); an
-    LRUCache of ``(value, expires)`` checked on read costs ~0.2 µs, and there are two reads per
-    Verify (the caller's key and the verified one). An expired entry is dropped when read;
-    one never read again ages out through the LRU bound. Not locked: KeyCache holds its lock.
+    LRUCache checked on read costs ~0.2 µs, and there are two reads per Verify (the caller's
+    key and the verified one). An expired entry is dropped when read; one never read again
+    ages out through the LRU bound. Each entry carries its own expiry (see the subclasses),
+    not a ``(value, expires)`` pair: a tuple is 56 bytes per cached key. Not locked: KeyCache
+    holds its lock.
     """
 
     __slots__ = ("_entries", "_timer", "_ttl")
 
     def __init__(self, maxsize: int, ttl: float, timer: Callable[[], float]) -> None:
-        self._entries: LRUCache[bytes, tuple[V, float]] = LRUCache(maxsize)
+        self._entries: LRUCache[bytes, V] = LRUCache(maxsize)
         self._ttl = ttl
         self._timer = timer
 
-    def get(self, key: bytes, now: float) -> V | _Miss:
-        """The live value, marked as just used; MISS when absent or expired."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return MISS
-        if now < entry[1]:
-            return entry[0]
-        del self._entries[key]
-        return MISS
-
-    def put(self, key: bytes, value: V) -> None:
-        self._entries[key] = (value, self._timer() + self._ttl)
+    @staticmethod
+    def _expires(entry: V) -> float:
+        raise NotImplementedError
 
     def pop(self, key: bytes) -> None:
         self._entries.pop(key, None)
@@ -67,7 +60,53 @@ class _TtlLru(Generic[V]):
     def __len__(self) -> int:
         """Live entries only."""
         now = self._timer()
-        return sum(1 for _, expires in self._entries.values() if now < expires)
+        return sum(1 for entry in self._entries.values() if now < self._expires(entry))
+
+
+class _Records(_TtlLru[VerifyRecord]):
+    """Positive entries: each record is stored as a copy carrying its expiry (cached_until)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _expires(entry: VerifyRecord) -> float:
+        return entry.cached_until
+
+    def get(self, key: bytes, now: float) -> VerifyRecord | _Miss:
+        """The live record, marked as just used; MISS when absent or expired."""
+        record = self._entries.get(key)
+        if record is None:
+            return MISS
+        if now < record.cached_until:
+            return record
+        del self._entries[key]
+        return MISS
+
+    def put(self, key: bytes, record: VerifyRecord) -> None:
+        self._entries[key] = record.cached(self._timer() + self._ttl)
+
+
+class _Absences(_TtlLru[float]):
+    """Negative entries: each is only its expiry time."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _expires(entry: float) -> float:
+        return entry
+
+    def holds(self, key: bytes, now: float) -> bool:
+        """Whether a live entry says there is no such key (marked as just used)."""
+        expires = self._entries.get(key)
+        if expires is None:
+            return False
+        if now < expires:
+            return True
+        del self._entries[key]
+        return False
+
+    def put(self, key: bytes) -> None:
+        self._entries[key] = self._timer() + self._ttl
 
 
 class KeyCache:
@@ -87,11 +126,9 @@ class KeyCache:
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lock = threading.Lock()
-        self._positive: _TtlLru[KeyRecord] | None = (
-            _TtlLru(maxsize, ttl, timer) if maxsize > 0 and ttl > 0 else None
-        )
-        self._negative: _TtlLru[None] | None = (
-            _TtlLru(negative_maxsize, negative_ttl, timer)
+        self._positive = _Records(maxsize, ttl, timer) if maxsize > 0 and ttl > 0 else None
+        self._negative = (
+            _Absences(negative_maxsize, negative_ttl, timer)
             if negative_maxsize > 0 and negative_ttl > 0
             else None
         )
@@ -107,7 +144,7 @@ class KeyCache:
     def generation(self) -> int:
         return self._generation
 
-    def get(self, digest: bytes) -> KeyRecord | _Miss | None:
+    def get(self, digest: bytes) -> VerifyRecord | _Miss | None:
         now = self._timer()
         if now > self._trusted_until:
             return MISS
@@ -116,11 +153,11 @@ class KeyCache:
                 record = self._positive.get(digest, now)
                 if record is not MISS:
                     return record
-            if self._negative is not None and self._negative.get(digest, now) is not MISS:
+            if self._negative is not None and self._negative.holds(digest, now):
                 return None
         return MISS
 
-    def put(self, digest: bytes, record: KeyRecord | None, generation: int) -> None:
+    def put(self, digest: bytes, record: VerifyRecord | None, generation: int) -> None:
         """Stores a lookup's answer unless an eviction happened since the lookup began."""
         with self._lock:
             if generation != self._generation:
@@ -129,7 +166,7 @@ class KeyCache:
                 if self._positive is not None:
                     self._positive.put(digest, record)
             elif self._negative is not None:
-                self._negative.put(digest, None)
+                self._negative.put(digest)
 
     def evict(self, digest: bytes) -> None:
         with self._lock:
@@ -163,7 +200,7 @@ class CachedKeyLookup:
         self._source = source
         self._cache = cache
 
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
         cached = self._cache.get(digest)
         if not isinstance(cached, _Miss):
             return cached

@@ -32,6 +32,7 @@ from apikeys_server.domain.records import (
     KeyEvent,
     KeyRecord,
     RequestRecord,
+    VerifyRecord,
 )
 from apikeys_server.storage.database import Database
 from apikeys_server.storage.errors import database_errors
@@ -57,7 +58,16 @@ _KEY_COLUMNS = (
     api_keys.c.rotated_from,
 )
 _SELECT_KEYS = select(*_KEY_COLUMNS)
-_BY_DIGEST = _SELECT_KEYS.where(api_keys.c.digest == bindparam("digest"))
+# What Verify reads (VerifyRecord): the digest is the one looked up; revoke_time only as a flag.
+_VERIFY_COLUMNS = (
+    api_keys.c.id,
+    api_keys.c.tenant_id,
+    api_keys.c.name,
+    api_keys.c.scopes,
+    api_keys.c.expire_time,
+    api_keys.c.revoke_time,
+)
+_BY_DIGEST = select(*_VERIFY_COLUMNS).where(api_keys.c.digest == bindparam("digest"))
 _BY_ID = _SELECT_KEYS.where(
     api_keys.c.tenant_id == bindparam("tenant_id"), api_keys.c.id == bindparam("key_id")
 )
@@ -118,6 +128,21 @@ def _to_record(row: Sequence[Any], scopes: frozenset[str] | None = None) -> KeyR
     )
 
 
+def _to_verify_record(
+    row: Sequence[Any], digest: bytes, scopes: frozenset[str] | None = None
+) -> VerifyRecord:
+    """A record from a converted row of ``_VERIFY_COLUMNS`` and the digest it was found by."""
+    return VerifyRecord(
+        id=row[0],
+        tenant_id=row[1],
+        name=row[2],
+        scopes=frozenset(row[3].split()) if scopes is None else scopes,
+        digest=digest,
+        expire_time=row[4],
+        revoked=row[5] is not None,
+    )
+
+
 class _DigestLookup:
     """``_BY_DIGEST`` as the driver runs it, and its rows as records.
 
@@ -138,7 +163,7 @@ class _DigestLookup:
         self._bind = api_keys.c.digest.type.dialect_impl(dialect).bind_processor(dialect)
         self._convert = [
             (index, processor)
-            for index, column in enumerate(_KEY_COLUMNS)
+            for index, column in enumerate(_VERIFY_COLUMNS)
             if (processor := column.type.dialect_impl(dialect).result_processor(dialect, None))
             is not None
         ]
@@ -149,19 +174,19 @@ class _DigestLookup:
         value = digest if self._bind is None else self._bind(digest)
         return (value,) if self._positional else {"digest": value}
 
-    def record(self, row: Sequence[Any], digest: bytes) -> KeyRecord:
+    def record(self, row: Sequence[Any], digest: bytes) -> VerifyRecord:
         values = list(row)
         for index, processor in self._convert:
             values[index] = processor(values[index])
         values[1] = sys.intern(values[1])  # the tenant id
-        values[5] = digest  # equal to the row's (the lookup matched it); shared with the cache
         scopes = values[3]
         scope_set = self._scope_sets.get(scopes)
         if scope_set is None:
             if len(self._scope_sets) >= self._SHARED_LIMIT:
                 self._scope_sets.clear()
             scope_set = self._scope_sets[scopes] = frozenset(scopes.split())
-        return _to_record(values, scope_set)
+        # The digest equals the row's (the lookup matched it): shared with the cache's key.
+        return _to_verify_record(values, digest, scope_set)
 
 
 def key_row(key: KeyRecord) -> dict[str, Any]:
@@ -314,7 +339,7 @@ class SqlKeyStore:
         self._serialize_feed = serialize_feed
         self._on_commit = on_commit
 
-    def find_by_digest(self, digest: bytes) -> KeyRecord | None:
+    def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
         """The Verify lookup on a cache miss: one round trip, no transaction, no Result object.
 
         Runs the statement SQLAlchemy compiled once on a connection from the read engine's
@@ -353,10 +378,10 @@ class SqlKeyStore:
             return self._find_by_digest_via_connection(digest)
         return None if row is None else lookup.record(row, digest)
 
-    def _find_by_digest_via_connection(self, digest: bytes) -> KeyRecord | None:
+    def _find_by_digest_via_connection(self, digest: bytes) -> VerifyRecord | None:
         with database_errors(), self._read.connect() as connection:
             row = connection.execute(_BY_DIGEST, {"digest": digest}).first()
-        return None if row is None else _to_record(row)
+        return None if row is None else _to_verify_record(row, digest)
 
     def get_key(self, tenant_id: str, key_id: str) -> KeyRecord | None:
         with database_errors(), self._read.connect() as connection:
