@@ -11,6 +11,7 @@ from apikeys_client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from apikeys_client._tls import tls_credentials
 
 __all__ = [
     "AlreadyGone",
@@ -22,4 +23,5 @@ __all__ = [
     "PermissionDenied",
     "Unauthenticated",
     "Unavailable",
+    "tls_credentials",
 ]
