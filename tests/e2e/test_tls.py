@@ -1,5 +1,6 @@
 """TLS and mTLS on real `serve` processes, with certificates made by openssl for the session."""
 
+import os
 import shutil
 import subprocess
 import time
@@ -20,6 +21,7 @@ from tests.e2e.conftest import (
     run_cli,
     start_server,
 )
+from tests.e2e.test_readme import grpcurl_blocks, python_examples
 
 pytestmark = pytest.mark.e2e
 
@@ -165,6 +167,37 @@ class TestClientCertificates:
         )
         assert done.returncode == 0, done.stderr
         assert "passes:read" in done.stdout
+
+
+class TestReadme:
+    def test_tls_examples_run_against_an_mtls_server(
+        self,
+        mtls_server: ServerProcess,
+        certificates: Certificates,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The README's TLS grpcurl and Python examples, in a directory holding the files
+        they name (ca.pem, client.pem, client.key)."""
+        blocks = grpcurl_blocks(tls=True)
+        assert blocks
+        env = {**os.environ, "ADMIN": mtls_server.admin_key, "GRPCURL": str(grpcurl_path())}
+        for block in blocks:
+            script = block.replace("localhost:50051", mtls_server.target)
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", script],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=certificates.directory,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, f"{script}\n---\n{done.stdout}\n{done.stderr}"
+        monkeypatch.chdir(certificates.directory)
+        code = python_examples()[1].replace("localhost:50051", mtls_server.target)
+        exec(compile(code, "README.md", "exec"), {"ADMIN": mtls_server.admin_key})
+        assert int(capsys.readouterr().out) > 0
 
 
 class TestReload:
