@@ -12,6 +12,7 @@ from apikeys_client._errors import (
     Unauthenticated,
     Unavailable,
 )
+from apikeys_client._tls import tls_credentials
 
 __all__ = [
     "AlreadyExists",
@@ -24,4 +25,5 @@ __all__ = [
     "PermissionDenied",
     "Unauthenticated",
     "Unavailable",
+    "tls_credentials",
 ]

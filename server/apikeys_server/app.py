@@ -33,6 +33,7 @@ from apikeys_server.storage.follower import FeedFollower, NotFollowing
 from apikeys_server.storage.last_used import LastUsedRecorder
 from apikeys_server.storage.listener import FeedListener, conninfo
 from apikeys_server.storage.repository import SqlKeyStore
+from apikeys_server.tls import ReloadingCertificates, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +203,34 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         try:
-            self.port = self.server.add_insecure_port(settings.listen)
+            self.port = self._listen(settings)
         except RuntimeError as error:
             self.services.close()
             raise OSError(f"cannot listen on {settings.listen}: {error}") from error
+        except BaseException:
+            self.services.close()
+            raise
+
+    def _listen(self, settings: Settings) -> int:
+        """Plaintext, or TLS whose files are re-read when they change (built here, after any
+        fork: gRPC objects do not survive one)."""
+        files = TlsFiles.of(settings)
+        if files is None:
+            return self.server.add_insecure_port(settings.listen)
+        credentials = ReloadingCertificates(files).server_credentials()
+        return self.server.add_secure_port(settings.listen, credentials)
 
     def start(self) -> None:
         self.services.start()
         self.server.start()
         follower = self.services.follower
         self._set_health(follower.serving if follower is not None else True)
-        log.info("apikeys server listening on %s (port %d)", self.settings.listen, self.port)
+        log.info(
+            "apikeys server listening on %s (port %d, %s)",
+            self.settings.listen,
+            self.port,
+            _transport(self.settings),
+        )
 
     def stop(self, grace: float | None = None) -> None:
         """Stops taking calls, lets in-flight ones finish, flushes last-used times."""
@@ -233,6 +251,12 @@ class App:
         )
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
+
+
+def _transport(settings: Settings) -> str:
+    if not settings.tls:
+        return "plaintext"
+    return "TLS, client certificates required" if settings.tls_client_ca_file else "TLS"
 
 
 def create_server(settings: Settings, clock: Clock | None = None) -> App:

@@ -8,20 +8,21 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import Field, fields, replace
+from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from apikeys_server.app import App, build_services, create_server, upgrade_schema
-from apikeys_server.config import MAX_PROCESSES, Settings
+from apikeys_server.config import Settings, describe, is_loopback, parse, rule_of
 from apikeys_server.domain import scopes
 from apikeys_server.domain.errors import DomainError
 from apikeys_server.domain.validation import PLATFORM_TENANT
 from apikeys_server.processes import Supervisor, WorkerLink, WorkersFailed
 from apikeys_server.storage import migrate
 from apikeys_server.storage.database import DatabaseTimeouts, open_database
+from apikeys_server.tls import TlsFiles, load
 
 ADMIN_SCOPES = (scopes.MANAGE, scopes.READ, scopes.VERIFY)
 # What a command reports as one line and exit status 1 rather than a traceback.
@@ -29,38 +30,60 @@ EXPECTED_FAILURES = (DomainError, ValueError, OSError, SQLAlchemyError, ImportEr
 log = logging.getLogger(__name__)
 
 
+def _add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """The flags of these settings, parsed and described as config.py declares them."""
+    for item in fields(Settings):
+        flag = rule_of(item).flag
+        if item.name in names and flag is not None:
+            parser.add_argument(
+                flag,
+                dest=item.name,
+                type=_flag_type(item, flag),
+                metavar="FILE" if item.name.endswith("_file") else item.name.upper(),
+                help=f"{rule_of(item).help} ({describe(item)})",
+            )
+
+
+def _flag_type(item: "Field[Any]", flag: str) -> Callable[[str], Any]:
+    def convert(raw: str) -> Any:
+        try:
+            return parse(item, raw, flag)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _environment_only() -> str:
+    lines = ["settings without a flag (environment variables):"]
+    for item in fields(Settings):
+        if rule_of(item).flag is None:
+            lines.append(f"  {rule_of(item).help}: {describe(item)}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apikeys-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def with_database(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--database-url", help="default: $APIKEYS_DATABASE_URL or sqlite:///apikeys.db"
-        )
-
-    serve = commands.add_parser("serve", help="run the gRPC server")
-    with_database(serve)
-    serve.add_argument("--listen", help="HOST:PORT, default: $APIKEYS_LISTEN or 127.0.0.1:50051")
-    serve.add_argument("--key-prefix", help="default: $APIKEYS_KEY_PREFIX or 'ak'")
-    serve.add_argument("--scopes", type=Path, help="scope catalog TOML file")
-    serve.add_argument("--workers", type=int, help="RPC threads (default 16)")
-    serve.add_argument(
-        "--processes",
-        type=int,
-        help=f"server processes on the same address, 1..{MAX_PROCESSES} "
-        "(default: $APIKEYS_PROCESSES or 1)",
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Flags override APIKEYS_* variables, which override the defaults.",
+        epilog=_environment_only(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_setting_flags(serve, [item.name for item in fields(Settings)])
 
     migrate_cmd = commands.add_parser("migrate", help="bring the database schema up to date")
-    with_database(migrate_cmd)
+    _add_setting_flags(migrate_cmd, ["database_url"])
 
     admin = commands.add_parser(
         "admin-key", help="create a management key in the database; prints only the secret"
     )
-    with_database(admin)
+    _add_setting_flags(admin, ["database_url", "key_prefix"])
     admin.add_argument("--tenant", default=PLATFORM_TENANT, help="default: the platform tenant")
     admin.add_argument("--name", default="admin", help="default: admin")
-    admin.add_argument("--key-prefix", help="default: $APIKEYS_KEY_PREFIX or 'ak'")
     admin.add_argument(
         "--scope",
         action="append",
@@ -73,15 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env(
-            os.environ,
-            database_url=args.database_url,
-            listen=getattr(args, "listen", None),
-            key_prefix=getattr(args, "key_prefix", None),
-            scopes_file=getattr(args, "scopes", None),
-            workers=getattr(args, "workers", None),
-            processes=getattr(args, "processes", None),
-        )
+        flags = {item.name: getattr(args, item.name, None) for item in fields(Settings)}
+        settings = Settings.from_env(os.environ, **flags)
+        if args.command == "serve" and (files := TlsFiles.of(settings)) is not None:
+            load(files)  # unusable files are bad settings too: one line, before anything starts
     except ValueError as error:
         print(f"apikeys-server: {error}", file=sys.stderr)
         return 2
@@ -119,6 +137,12 @@ def _database_problem(settings: Settings, error: Exception) -> str:
 
 
 def _serve(settings: Settings) -> int:
+    if not settings.tls and not is_loopback(settings.listen):
+        log.warning(
+            "serving plaintext on %s: keys cross the network readable; give --tls-cert-file "
+            "and --tls-key-file (APIKEYS_TLS_CERT_FILE, APIKEYS_TLS_KEY_FILE)",
+            settings.listen,
+        )
     if settings.processes > 1:
         return _serve_processes(settings)
     app = create_server(settings)

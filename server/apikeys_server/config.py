@@ -1,107 +1,355 @@
 """Settings, read once at start-up from the environment and command-line flags.
 
-Nothing else in the server reads ``os.environ``.
+Nothing else in the server reads ``os.environ``. Each field declares, next to itself, what it
+may be (a range, allowed values or a shape) and its flag if it has one; one mechanism checks
+every rule when Settings are built and ``serve --help`` is written from the same declarations.
 """
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from apikeys_server.domain.key_format import PREFIX_PATTERN
 
 ENV_PREFIX = "APIKEYS_"
 MAX_PROCESSES = 64
+DAY = 86_400
+BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+BOOLEANS |= {"yes": True, "no": False, "on": True, "off": False}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOOPBACK_NAMES = ("localhost",)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting may be: a number in [low, high] (timedelta: seconds), one of
+    ``choices``, or whatever ``shape`` accepts (described by ``shape_text``)."""
+
+    help: str = ""
+    flag: str | None = None
+    low: float | None = None
+    high: float | None = None
+    unit: str = ""
+    choices: tuple[str, ...] = ()
+    shape: Callable[[Any], bool] | None = None
+    shape_text: str = ""
+
+    def allowed(self) -> str:
+        """The requirement, as errors and ``--help`` word it."""
+        if self.low is not None and self.high is not None:
+            unit = f" ({self.unit})" if self.unit else ""
+            return f"between {_number(self.low)} and {_number(self.high)}{unit}"
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        return self.shape_text
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, timedelta):
+            value = value.total_seconds()
+        if self.low is not None and self.high is not None:
+            # Written so that NaN fails too.
+            return bool(self.low <= value <= self.high)
+        if self.choices:
+            return str(value).upper() in {choice.upper() for choice in self.choices}
+        return self.shape is None or value is None or bool(self.shape(value))
+
+
+def setting(default: _T, **rule: Any) -> _T:
+    """A Settings field with its Rule; typed as its default so the dataclass stays plain."""
+    made: Any = field(default=default, metadata={"rule": Rule(**rule)})
+    return made  # type: ignore[no-any-return]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _host_port(listen: str) -> tuple[str, str] | None:
+    host, colon, port = listen.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return None
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``listen`` only accepts connections from this host."""
+    parts = _host_port(listen)
+    if parts is None:
+        return listen.startswith("unix:")
+    host = parts[0]
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_BOOLEAN = {"choices": tuple(BOOLEANS)}
+_SECONDS = {"unit": "seconds"}
 
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = "sqlite:///apikeys.db"
-    listen: str = "127.0.0.1:50051"
+    database_url: str = setting(
+        "sqlite:///apikeys.db",
+        flag="--database-url",
+        help="SQLite file or postgresql://user@host/db",
+        shape=bool,
+        shape_text="a database URL",
+    )
+    listen: str = setting(
+        "127.0.0.1:50051",
+        flag="--listen",
+        help="gRPC address",
+        shape=lambda value: _host_port(value) is not None or value.startswith("unix:"),
+        shape_text="HOST:PORT with a port 0..65535",
+    )
     # Per deployment, so keys of different environments never verify on each other.
-    key_prefix: str = "ak"
-    scopes_file: Path | None = None
-    workers: int = 16
+    key_prefix: str = setting(
+        "ak",
+        flag="--key-prefix",
+        help="per-deployment key prefix, e.g. wc_live",
+        shape=PREFIX_PATTERN.fullmatch,
+        shape_text="lowercase letters and digits, optionally one '_' (e.g. wc_live)",
+    )
+    scopes_file: Path | None = setting(
+        None, flag="--scopes", help="scope catalog TOML file", shape_text="a TOML file"
+    )
+    workers: int = setting(16, flag="--workers", help="RPC threads", low=1, high=1024)
     # Server processes on one address (SO_REUSEPORT), each with `workers` threads: see README.
-    processes: int = 1
+    processes: int = setting(
+        1, flag="--processes", help="server processes on the address", low=1, high=MAX_PROCESSES
+    )
+    # Server TLS (with both files), and client certificates required when a CA is given.
+    # Files are re-read when they change (tls.py).
+    tls_cert_file: Path | None = setting(
+        None,
+        flag="--tls-cert-file",
+        help="server certificate chain (PEM); with --tls-key-file: TLS",
+        shape_text="a PEM file",
+    )
+    tls_key_file: Path | None = setting(
+        None, flag="--tls-key-file", help="server private key (PEM)", shape_text="a PEM file"
+    )
+    tls_client_ca_file: Path | None = setting(
+        None,
+        flag="--tls-client-ca-file",
+        help="CA certificates (PEM) that client certificates must chain to; requires them",
+        shape_text="a PEM file",
+    )
     # Changes are evicted at once, here and (through the change feed) in every other process:
     # the TTL is only a backstop.
-    cache_size: int = 100_000
-    cache_ttl_seconds: float = 300.0
-    negative_cache_size: int = 100_000
-    negative_cache_ttl_seconds: float = 30.0
-    last_used_flush_seconds: float = 5.0
+    cache_size: int = setting(100_000, help="cached keys (0: no cache)", low=0, high=10_000_000)
+    cache_ttl_seconds: float = setting(
+        300.0, help="cached key lifetime", low=0, high=DAY, **_SECONDS
+    )
+    negative_cache_size: int = setting(100_000, help="cached unknown keys", low=0, high=10_000_000)
+    negative_cache_ttl_seconds: float = setting(
+        30.0, help="cached unknown key lifetime", low=0, high=DAY, **_SECONDS
+    )
+    last_used_flush_seconds: float = setting(
+        5.0, help="last-used batch interval", low=0.01, high=DAY, **_SECONDS
+    )
     # The change feed: read at least this often (PostgreSQL also wakes on NOTIFY); a cached
     # answer is served only if the feed was confirmed read to its end within max_staleness.
-    follow_feed: bool = True
-    feed_poll_seconds: float = 0.25
-    max_staleness_seconds: float = 10.0
-    feed_retention: timedelta = field(default=timedelta(days=7))
-    max_rotation_overlap: timedelta = field(default=timedelta(days=30))
-    shutdown_grace_seconds: float = 10.0
-    migrate_on_start: bool = True
-    log_level: str = "INFO"
+    follow_feed: bool = setting(True, help="follow the change feed", **_BOOLEAN)
+    feed_poll_seconds: float = setting(
+        0.25, help="change feed read interval", low=0.01, high=60, **_SECONDS
+    )
+    max_staleness_seconds: float = setting(
+        10.0, help="cached answers need the feed read within this", low=0.1, high=3600, **_SECONDS
+    )
+    feed_retention: timedelta = setting(
+        timedelta(days=7), help="change feed retention", low=60, high=365 * DAY, **_SECONDS
+    )
+    max_rotation_overlap: timedelta = setting(
+        timedelta(days=30), help="longest rotation overlap", low=0, high=365 * DAY, **_SECONDS
+    )
+    shutdown_grace_seconds: float = setting(
+        10.0, help="SIGTERM drains in-flight calls this long", low=0, high=3600, **_SECONDS
+    )
+    migrate_on_start: bool = setting(True, help="serve migrates the schema first", **_BOOLEAN)
+    log_level: str = setting("INFO", help="log level", choices=LOG_LEVELS)
     # Bounds on each database operation, so a lost or silent database answers UNAVAILABLE
     # quickly instead of holding calls (and shutdown) for minutes. See storage/database.py.
-    db_connect_timeout_seconds: float = 2.0
-    db_read_timeout_seconds: float = 2.0
-    db_write_timeout_seconds: float = 5.0
-    db_pool_timeout_seconds: float = 1.0
-    db_watchdog: bool = True
+    # Zero would mean no bound at all in libpq.
+    db_connect_timeout_seconds: float = setting(
+        2.0, help="PostgreSQL connect bound", low=0.01, high=600, **_SECONDS
+    )
+    db_read_timeout_seconds: float = setting(
+        2.0, help="database read bound", low=0.01, high=600, **_SECONDS
+    )
+    db_write_timeout_seconds: float = setting(
+        5.0, help="database write bound", low=0.01, high=600, **_SECONDS
+    )
+    db_pool_timeout_seconds: float = setting(
+        1.0, help="wait for a pooled connection", low=0.01, high=600, **_SECONDS
+    )
+    db_watchdog: bool = setting(True, help="enforce the database bounds", **_BOOLEAN)
 
     def __post_init__(self) -> None:
-        for name in _POSITIVE_SECONDS:
-            value = getattr(self, name)
-            if not 0 < value < math.inf:
-                raise ValueError(f"{ENV_PREFIX}{name.upper()}={value!r} must be positive seconds")
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not rule_of(item).accepts(value):
+                raise InvalidSetting(item.name, value, rule_of(item).allowed())
+        _check_together(self)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
         """Defaults, then APIKEYS_* variables, then explicit overrides (flags); None is skipped."""
         values: dict[str, Any] = {}
+        shown: dict[str, str] = {}
         for item in fields(cls):
-            raw = environ.get(ENV_PREFIX + item.name.upper())
+            variable = variable_of(item.name)
+            raw = environ.get(variable)
             if raw is not None and raw != "":
-                values[item.name] = _parse(item.name, item.type, raw)
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        settings = replace(cls(), **values)
-        _check_processes(settings)
-        return settings
+                values[item.name] = parse(item, raw, variable)
+                shown[item.name] = f"{variable}={raw}"
+        for name, value in overrides.items():
+            if value is not None:
+                values[name] = value
+                flag = _field(name).metadata.get("rule", Rule()).flag if _known(name) else None
+                shown[name] = f"{flag} {value}" if flag else f"{variable_of(name)}={value}"
+        try:
+            return replace(cls(), **values)
+        except InvalidSetting as error:
+            raise error.as_given(shown.get(error.name)) from None
 
 
-def _check_processes(settings: Settings) -> None:
-    if not 1 <= settings.processes <= MAX_PROCESSES:
-        raise ValueError(
-            f"--processes / {ENV_PREFIX}PROCESSES must be between 1 and {MAX_PROCESSES}, "
-            f"not {settings.processes}"
-        )
+class InvalidSetting(ValueError):
+    """A setting outside what its Rule allows; the message is one line naming it."""
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.requirement = name, value, allowed
+        super().__init__(f"{_both(name, f'={_shown(value)}')} must be {allowed}")
+
+    def as_given(self, given: str | None) -> "InvalidSetting":
+        """The same error worded with what the user wrote (``APIKEYS_X=-1`` or ``--flag -1``)."""
+        if given is None:
+            return self
+        other = _other_name(self.name, given)
+        again = InvalidSetting(self.name, self.value, self.requirement)
+        again.args = (f"{given}{other} must be {self.requirement}",)
+        return again
+
+
+class SettingsConflict(ValueError):
+    """Settings that are each allowed but not together."""
+
+
+def variable_of(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def rule_of(item: "Field[Any]") -> Rule:
+    rule = item.metadata.get("rule")
+    return rule if isinstance(rule, Rule) else Rule()
+
+
+def _known(name: str) -> bool:
+    return any(item.name == name for item in fields(Settings))
+
+
+def _field(name: str) -> "Field[Any]":
+    return next(item for item in fields(Settings) if item.name == name)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, timedelta):
+        return _number(value.total_seconds())
+    if isinstance(value, float):
+        return _number(value)
+    return str(value)
+
+
+def _both(name: str, value_text: str) -> str:
+    """``APIKEYS_X=value``, with `` (or --x)`` when it has a flag too."""
+    flag = rule_of(_field(name)).flag
+    return f"{variable_of(name)}{value_text}" + (f" (or {flag})" if flag else "")
+
+
+def _other_name(name: str, given: str) -> str:
+    flag = rule_of(_field(name)).flag
+    if flag is None:
+        return ""
+    return f" (or {variable_of(name)})" if given.startswith(flag) else f" (or {flag})"
+
+
+def named(name: str) -> str:
+    """``--flag / APIKEYS_VARIABLE``, or the variable alone."""
+    flag = rule_of(_field(name)).flag
+    return f"{flag} / {variable_of(name)}" if flag else variable_of(name)
+
+
+def _check_together(settings: Settings) -> None:
+    """The rules that involve more than one setting."""
     if settings.processes > 1 and settings.listen.rsplit(":", 1)[-1] == "0":
-        raise ValueError(
+        raise SettingsConflict(
             f"--listen {settings.listen} needs --processes 1: with port 0 each of the "
             f"{settings.processes} processes would listen on a different port"
         )
+    if settings.feed_poll_seconds >= settings.max_staleness_seconds:
+        raise SettingsConflict(
+            f"{named('feed_poll_seconds')} ({_shown(settings.feed_poll_seconds)}) must be "
+            f"smaller than {named('max_staleness_seconds')} "
+            f"({_shown(settings.max_staleness_seconds)}): otherwise the cache is never trusted"
+        )
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise SettingsConflict(
+            f"{named('tls_cert_file')} and {named('tls_key_file')} go together: "
+            "give both or neither"
+        )
+    if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:
+        raise SettingsConflict(
+            f"{named('tls_client_ca_file')} needs {named('tls_cert_file')} and "
+            f"{named('tls_key_file')}: client certificates are only checked over TLS"
+        )
 
 
-_POSITIVE_SECONDS = (
-    "db_connect_timeout_seconds",
-    "db_read_timeout_seconds",
-    "db_write_timeout_seconds",
-    "db_pool_timeout_seconds",
-)
-
-
-def _parse(name: str, kind: Any, raw: str) -> Any:
+def parse(item: "Field[Any]", raw: str, given_as: str) -> Any:
+    """The value of ``raw`` for the field (not yet range-checked); ValueError naming
+    ``given_as`` (the variable or the flag) when it is not of the field's kind."""
+    kind = item.type
+    given = f"{given_as} {raw!r}" if given_as.startswith("-") else f"{given_as}={raw!r}"
     try:
         if kind in (int, "int"):
             return int(raw)
         if kind in (float, "float"):
             return float(raw)
         if kind in (bool, "bool"):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            return BOOLEANS[raw.strip().lower()]
         if kind in (timedelta, "timedelta"):
             return timedelta(seconds=float(raw))
-        if name == "scopes_file":
+        if kind == Path | None:
             return Path(raw)
         return raw
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid value") from None
+    except (ValueError, KeyError, OverflowError):
+        if kind in (bool, "bool"):
+            raise ValueError(f"{given} must be one of {', '.join(BOOLEANS)}") from None
+        raise ValueError(f"{given} is not a valid value") from None
+
+
+def describe(item: "Field[Any]") -> str:
+    """``$VARIABLE, default D, allowed``: what ``--help`` says of one setting."""
+    rule = rule_of(item)
+    default = item.default
+    if isinstance(default, bool):
+        default_text = "true" if default else "false"
+    elif default is None:
+        default_text = "none"
+    else:
+        default_text = _shown(default)
+    allowed = rule.allowed()
+    return f"${variable_of(item.name)}; default {default_text}" + (
+        f"; {allowed}" if allowed else ""
+    )

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
 from apikeys_client import ApiKeysClient
+from tests.certs import Certificates, make_certificates
 
 READY_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 20.0
@@ -125,6 +126,8 @@ class ServerProcess:
     log_path: Path
     admin_key: str = ""
     secrets: list[str] = field(default_factory=list)
+    # For a TLS server: what its clients (and the readiness check) connect with.
+    credentials: grpc.ChannelCredentials | None = None
 
     @property
     def target(self) -> str:
@@ -137,8 +140,19 @@ class ServerProcess:
 
     def client(self, api_key: str | None = None, timeout: float = 10.0) -> RecordingClient:
         return RecordingClient(
-            self.target, api_key or self.admin_key, self.secrets, timeout=timeout
+            self.target,
+            api_key or self.admin_key,
+            self.secrets,
+            timeout=timeout,
+            credentials=self.credentials,
         )
+
+    def channel(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+        """A channel of its own (a new connection, not one shared with other channels)."""
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if credentials is None:
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, credentials, options=options)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -169,7 +183,7 @@ def wait_until_serving(server: ServerProcess) -> None:
     """Polls grpc.health.v1 until SERVING, failing early if the process exits."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     request = health_pb2.HealthCheckRequest(service="")
-    with grpc.insecure_channel(server.target) as channel:
+    with server.channel(server.credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
@@ -194,21 +208,27 @@ def start_server(
     log_dir: Path,
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
     """Starts ``serve`` (which migrates an empty database), waits for it, makes an admin key.
 
-    ``args``: more ``serve`` flags, e.g. ``("--processes", "2")``.
+    ``args``: more ``serve`` flags, e.g. ``("--processes", "2")``; ``credentials``: how to
+    connect to a TLS server.
     """
     for _ in range(PORT_ATTEMPTS - 1):
         try:
-            return _start_server(database_url, log_dir, env, args)
+            return _start_server(database_url, log_dir, env, args, credentials)
         except PortTaken:
             continue
-    return _start_server(database_url, log_dir, env, args)
+    return _start_server(database_url, log_dir, env, args, credentials)
 
 
 def _start_server(
-    database_url: str, log_dir: Path, env: Mapping[str, str] | None, args: Sequence[str]
+    database_url: str,
+    log_dir: Path,
+    env: Mapping[str, str] | None,
+    args: Sequence[str],
+    credentials: grpc.ChannelCredentials | None,
 ) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
@@ -230,7 +250,7 @@ def _start_server(
             stderr=subprocess.STDOUT,
             env=clean_env(env),
         )
-    server = ServerProcess(process, port, database_url, log_path)
+    server = ServerProcess(process, port, database_url, log_path, credentials=credentials)
     try:
         wait_until_serving(server)
         server.admin_key = server.remember(create_admin_key(database_url))
@@ -278,13 +298,23 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     started: list[ServerProcess] = []
 
     def start(
-        env: Mapping[str, str] | None = None, database_url: str = "", args: Sequence[str] = ()
+        env: Mapping[str, str] | None = None,
+        database_url: str = "",
+        args: Sequence[str] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> ServerProcess:
         url = database_url or f"sqlite:///{tmp_path / 'apikeys.db'}"
-        server = start_server(url, tmp_path, env, args)
+        server = start_server(url, tmp_path, env, args, credentials)
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.check_stopped_cleanly()
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA with a server certificate (127.0.0.1, ::1, localhost) and a client certificate,
+    and an unrelated CA with a client certificate of its own."""
+    return make_certificates(tmp_path_factory.mktemp("certificates"))

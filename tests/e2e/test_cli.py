@@ -175,6 +175,49 @@ class TestBadUsage:
         assert_clean_failure(result, status=2)
         assert "APIKEYS_WORKERS" in result.stderr
 
+    @pytest.mark.parametrize(
+        ("env", "line"),
+        [
+            (
+                {"APIKEYS_CACHE_TTL_SECONDS": "-1"},
+                "APIKEYS_CACHE_TTL_SECONDS=-1 must be between 0 and 86400 (seconds)",
+            ),
+            ({"APIKEYS_CACHE_SIZE": "-5"}, "APIKEYS_CACHE_SIZE=-5 must be between 0 and 10000000"),
+            (
+                {"APIKEYS_LAST_USED_FLUSH_SECONDS": "0"},
+                "APIKEYS_LAST_USED_FLUSH_SECONDS=0 must be between 0.01 and 86400 (seconds)",
+            ),
+            (
+                {"APIKEYS_MIGRATE_ON_START": "maybe"},
+                "APIKEYS_MIGRATE_ON_START='maybe' must be one of "
+                "true, false, 1, 0, yes, no, on, off",
+            ),
+        ],
+        ids=["ttl", "cache-size", "flush", "bool"],
+    )
+    def test_serve_refuses_out_of_range_settings(
+        self, tmp_path: Path, env: dict[str, str], line: str
+    ) -> None:
+        """The user reports: `serve` exits 2 with exactly one line, before touching the database."""
+        url = f"sqlite:///{tmp_path / 'apikeys.db'}"
+        result = run_cli("serve", "--database-url", url, "--listen", "127.0.0.1:0", env=env)
+        assert_clean_failure(result, status=2)
+        assert result.stderr.splitlines() == [f"apikeys-server: {line}"]
+        assert not (tmp_path / "apikeys.db").exists()
+
+    def test_serve_help_shows_variable_default_and_range(self) -> None:
+        """Each flag and each variable-only setting in `serve --help`."""
+        result = run_cli("serve", "--help")
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        processes = (
+            "--processes PROCESSES server processes on the address "
+            "($APIKEYS_PROCESSES; default 1; between 1 and 64)"
+        )
+        assert processes in text
+        assert "--tls-client-ca-file FILE" in text
+        assert "$APIKEYS_CACHE_TTL_SECONDS; default 300; between 0 and 86400 (seconds)" in text
+
 
 class TestUnreachableDatabase:
     @pytest.mark.parametrize("command", ["migrate", "serve"])

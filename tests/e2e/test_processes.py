@@ -304,8 +304,8 @@ class TestStartFailures:
         ("args", "env", "named"),
         [
             (("--listen", "127.0.0.1:0", *PROCESSES), {}, "port"),
-            (("--processes", "0"), {}, "--processes / APIKEYS_PROCESSES"),
-            ((), {"APIKEYS_PROCESSES": "65"}, "--processes / APIKEYS_PROCESSES"),
+            (("--processes", "0"), {}, "--processes 0 (or APIKEYS_PROCESSES) must be between"),
+            ((), {"APIKEYS_PROCESSES": "65"}, "APIKEYS_PROCESSES=65 (or --processes) must be"),
         ],
         ids=["port-0", "zero", "too-many"],
     )

@@ -15,12 +15,22 @@ SHELL_BLOCK = re.compile(r"```sh\n(.*?)```", re.DOTALL)
 SETUP_LINE = re.compile(r"^(ADMIN|GRPCURL|KEY)=")
 
 
-def grpcurl_blocks() -> list[str]:
-    blocks = [block for block in SHELL_BLOCK.findall(README.read_text()) if "$GRPCURL" in block]
+def grpcurl_blocks(tls: bool = False) -> list[str]:
+    """The README's grpcurl blocks: plaintext ones, or (``tls``) those with ``-cacert``."""
+    blocks = [
+        block
+        for block in SHELL_BLOCK.findall(README.read_text())
+        if "$GRPCURL" in block and ("-cacert" in block) == tls
+    ]
     return [
         "\n".join(line for line in block.splitlines() if not SETUP_LINE.match(line))
         for block in blocks
     ]
+
+
+def python_examples() -> list[str]:
+    """The client example, then the TLS one."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
 
 
 @pytest.mark.e2e
@@ -59,7 +69,7 @@ class TestReadmeExamples:
     ) -> None:
         """The README's Python client example runs as written and prints 200 for its key."""
         server = server_factory()
-        (example,) = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+        example = python_examples()[0]
         code = example.replace("localhost:50051", server.target)
         exec(compile(code, "README.md", "exec"), {"ADMIN": server.admin_key})
         printed = capsys.readouterr().out.splitlines()

@@ -6,7 +6,47 @@ from pathlib import Path
 
 import pytest
 
-from apikeys_server.config import Settings
+from apikeys_server.config import (
+    InvalidSetting,
+    Settings,
+    SettingsConflict,
+    describe,
+    is_loopback,
+    rule_of,
+    variable_of,
+)
+
+# Settings that must come with others to be valid (each is allowed, but not alone).
+COMPANIONS = {
+    "tls_cert_file": {"APIKEYS_TLS_KEY_FILE": "/tmp/key.pem"},
+    "tls_key_file": {"APIKEYS_TLS_CERT_FILE": "/tmp/cert.pem"},
+    "tls_client_ca_file": {
+        "APIKEYS_TLS_CERT_FILE": "/tmp/cert.pem",
+        "APIKEYS_TLS_KEY_FILE": "/tmp/key.pem",
+    },
+}
+STRING_SAMPLES = {
+    "database_url": "postgresql://db/x",
+    "listen": "[::1]:9",
+    "key_prefix": "wc_live",
+    "log_level": "debug",
+    "max_staleness_seconds": "20",  # its low end would be below the feed poll
+}
+
+
+def sample(name: str) -> str:
+    """A valid value other than the default, from the field's own rule."""
+    item = next(item for item in fields(Settings) if item.name == name)
+    rule = rule_of(item)
+    if name in STRING_SAMPLES:
+        return STRING_SAMPLES[name]
+    if item.type is bool:
+        return "0"
+    if rule.low is not None and rule.high is not None:
+        default = item.default
+        seconds = default.total_seconds() if isinstance(default, timedelta) else default
+        return str(rule.low if rule.low != seconds else rule.high)
+    return "/tmp/x"
 
 
 class TestDefaults:
@@ -82,6 +122,13 @@ class TestEnvironment:
         """Booleans accept 1/true/yes/on (any case) as true and 0/false/no/off as false."""
         assert Settings.from_env({"APIKEYS_MIGRATE_ON_START": raw}).migrate_on_start is value
 
+    @pytest.mark.parametrize("raw", ["maybe", "2", "enabled", "y", "-1"])
+    def test_other_bool_spellings_are_refused(self, raw: str) -> None:
+        """Anything else is an error listing the accepted spellings, not a silent false."""
+        with pytest.raises(ValueError, match="APIKEYS_MIGRATE_ON_START=") as caught:
+            Settings.from_env({"APIKEYS_MIGRATE_ON_START": raw})
+        assert str(caught.value).endswith("one of true, false, 1, 0, yes, no, on, off")
+
     def test_timedelta_in_seconds(self) -> None:
         """Durations are given in seconds."""
         settings = Settings.from_env({"APIKEYS_MAX_ROTATION_OVERLAP": "3600"})
@@ -99,10 +146,9 @@ class TestEnvironment:
 
     def test_every_field_has_a_variable(self) -> None:
         """Each field can be set from APIKEYS_<FIELD> (none is silently unreadable)."""
-        samples = {int: "7", float: "7.5", bool: "0", timedelta: "7", str: "x"}
         for item in fields(Settings):
-            raw = samples.get(item.type, "/tmp/x")  # type: ignore[call-overload]
-            settings = Settings.from_env({f"APIKEYS_{item.name.upper()}": raw})
+            env = {variable_of(item.name): sample(item.name), **COMPANIONS.get(item.name, {})}
+            settings = Settings.from_env(env)
             assert getattr(settings, item.name) != getattr(Settings(), item.name), item.name
 
     @pytest.mark.parametrize(
@@ -179,11 +225,156 @@ class TestProcesses:
     @pytest.mark.parametrize("raw", ["0", "65", "-1"])
     def test_out_of_range_names_flag_variable_and_range(self, raw: str) -> None:
         """processes outside 1..64 is refused with both ways to set it and the range."""
-        with pytest.raises(ValueError, match=r"--processes / APIKEYS_PROCESSES .* 1 and 64"):
+        with pytest.raises(ValueError) as caught:
             Settings.from_env({"APIKEYS_PROCESSES": raw})
+        message = f"APIKEYS_PROCESSES={raw} (or --processes) must be between 1 and 64"
+        assert str(caught.value) == message
 
     def test_port_zero_needs_one_process(self) -> None:
         """Each process would bind a port of its own: refused."""
         with pytest.raises(ValueError, match="each of the 2 processes"):
             Settings.from_env({}, listen="127.0.0.1:0", processes=2)
         assert Settings.from_env({}, listen="127.0.0.1:0").processes == 1
+
+
+# variable, value, the whole message (None: only that it is refused and named).
+OUT_OF_RANGE = [
+    # The user reports.
+    ("APIKEYS_CACHE_TTL_SECONDS", "-1", "must be between 0 and 86400 (seconds)"),
+    ("APIKEYS_CACHE_SIZE", "-5", "must be between 0 and 10000000"),
+    ("APIKEYS_LAST_USED_FLUSH_SECONDS", "0", "must be between 0.01 and 86400 (seconds)"),
+    # One beyond each end of every numeric rule.
+    ("APIKEYS_WORKERS", "0", "must be between 1 and 1024"),
+    ("APIKEYS_WORKERS", "1025", "must be between 1 and 1024"),
+    ("APIKEYS_PROCESSES", "0", "must be between 1 and 64"),
+    ("APIKEYS_CACHE_SIZE", "10000001", "must be between 0 and 10000000"),
+    ("APIKEYS_CACHE_TTL_SECONDS", "86401", "must be between 0 and 86400 (seconds)"),
+    ("APIKEYS_NEGATIVE_CACHE_SIZE", "-1", "must be between 0 and 10000000"),
+    ("APIKEYS_NEGATIVE_CACHE_TTL_SECONDS", "-0.5", "must be between 0 and 86400 (seconds)"),
+    ("APIKEYS_NEGATIVE_CACHE_TTL_SECONDS", "inf", "must be between 0 and 86400 (seconds)"),
+    ("APIKEYS_LAST_USED_FLUSH_SECONDS", "86401", "must be between 0.01 and 86400 (seconds)"),
+    ("APIKEYS_FEED_POLL_SECONDS", "0", "must be between 0.01 and 60 (seconds)"),
+    ("APIKEYS_MAX_STALENESS_SECONDS", "0.05", "must be between 0.1 and 3600 (seconds)"),
+    ("APIKEYS_MAX_STALENESS_SECONDS", "nan", "must be between 0.1 and 3600 (seconds)"),
+    ("APIKEYS_FEED_RETENTION", "59", "must be between 60 and 31536000 (seconds)"),
+    ("APIKEYS_MAX_ROTATION_OVERLAP", "-1", "must be between 0 and 31536000 (seconds)"),
+    ("APIKEYS_SHUTDOWN_GRACE_SECONDS", "3601", "must be between 0 and 3600 (seconds)"),
+    ("APIKEYS_DB_CONNECT_TIMEOUT_SECONDS", "601", "must be between 0.01 and 600 (seconds)"),
+    ("APIKEYS_LOG_LEVEL", "loud", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("APIKEYS_LISTEN", "localhost", "must be HOST:PORT with a port 0..65535"),
+    ("APIKEYS_LISTEN", "127.0.0.1:65536", "must be HOST:PORT with a port 0..65535"),
+    ("APIKEYS_KEY_PREFIX", "Live", "must be lowercase letters and digits"),
+]
+
+
+class TestRanges:
+    @pytest.mark.parametrize(("name", "raw", "requirement"), OUT_OF_RANGE)
+    def test_out_of_range_is_one_line_naming_variable_value_and_range(
+        self, name: str, raw: str, requirement: str
+    ) -> None:
+        """`APIKEYS_X=value must be …`, with the flag too where there is one."""
+        with pytest.raises(InvalidSetting) as caught:
+            Settings.from_env({name: raw})
+        message = str(caught.value)
+        assert message.startswith(f"{name}={raw} "), message
+        assert requirement in message
+        assert "\n" not in message
+
+    @pytest.mark.parametrize(
+        ("name", "raw"),
+        [
+            ("APIKEYS_CACHE_TTL_SECONDS", "0"),
+            ("APIKEYS_CACHE_TTL_SECONDS", "86400"),
+            ("APIKEYS_CACHE_SIZE", "0"),
+            ("APIKEYS_LAST_USED_FLUSH_SECONDS", "0.01"),
+            ("APIKEYS_WORKERS", "1024"),
+            ("APIKEYS_PROCESSES", "64"),
+            ("APIKEYS_MAX_ROTATION_OVERLAP", "0"),
+            ("APIKEYS_LISTEN", "[::]:50051"),
+            ("APIKEYS_LISTEN", "unix:/run/apikeys.sock"),
+        ],
+    )
+    def test_the_ends_of_each_range_are_allowed(self, name: str, raw: str) -> None:
+        """Ranges are inclusive."""
+        Settings.from_env({name: raw})
+
+    def test_a_flag_value_is_named_as_the_flag(self) -> None:
+        """What came from a flag is worded as the flag, with its variable alongside."""
+        with pytest.raises(InvalidSetting) as caught:
+            Settings.from_env({}, workers=0)
+        assert str(caught.value) == "--workers 0 (or APIKEYS_WORKERS) must be between 1 and 1024"
+
+    def test_rules_hold_for_settings_built_directly(self) -> None:
+        """The check is in Settings itself, not only in from_env."""
+        with pytest.raises(InvalidSetting, match="APIKEYS_CACHE_SIZE=-1 must be"):
+            Settings(cache_size=-1)
+
+    def test_every_setting_declares_what_it_may_be(self) -> None:
+        """A range, allowed values or a shape next to each field, shown in --help."""
+        for item in fields(Settings):
+            assert rule_of(item).allowed(), item.name
+            assert rule_of(item).help, item.name
+            assert describe(item).startswith(f"${variable_of(item.name)}; default ")
+
+    def test_defaults_are_within_their_ranges(self) -> None:
+        """Settings() itself passes its own rules."""
+        assert Settings().cache_ttl_seconds == 300
+
+
+class TestTogether:
+    @pytest.mark.parametrize(
+        ("env", "fragment"),
+        [
+            (
+                {"APIKEYS_FEED_POLL_SECONDS": "10"},
+                "APIKEYS_FEED_POLL_SECONDS (10) must be smaller than "
+                "APIKEYS_MAX_STALENESS_SECONDS (10)",
+            ),
+            (
+                {"APIKEYS_MAX_STALENESS_SECONDS": "0.2"},
+                "APIKEYS_FEED_POLL_SECONDS (0.25) must be smaller than",
+            ),
+            ({"APIKEYS_TLS_CERT_FILE": "/c.pem"}, "give both or neither"),
+            ({"APIKEYS_TLS_KEY_FILE": "/k.pem"}, "give both or neither"),
+            (
+                {"APIKEYS_TLS_CLIENT_CA_FILE": "/ca.pem"},
+                "--tls-client-ca-file / APIKEYS_TLS_CLIENT_CA_FILE needs --tls-cert-file",
+            ),
+        ],
+    )
+    def test_conflicts_are_refused(self, env: dict[str, str], fragment: str) -> None:
+        """Settings each allowed alone but not together: one line naming both."""
+        with pytest.raises(SettingsConflict) as caught:
+            Settings.from_env(env)
+        assert fragment in str(caught.value)
+
+    def test_tls_settings_together(self) -> None:
+        """Cert and key (and a client CA) together are TLS."""
+        env = {
+            "APIKEYS_TLS_CERT_FILE": "/c.pem",
+            "APIKEYS_TLS_KEY_FILE": "/k.pem",
+            "APIKEYS_TLS_CLIENT_CA_FILE": "/ca.pem",
+        }
+        settings = Settings.from_env(env)
+        assert settings.tls and settings.tls_client_ca_file == Path("/ca.pem")
+        assert not Settings().tls
+
+
+class TestLoopback:
+    @pytest.mark.parametrize(
+        ("listen", "loopback"),
+        [
+            ("127.0.0.1:50051", True),
+            ("127.3.4.5:1", True),
+            ("localhost:50051", True),
+            ("[::1]:50051", True),
+            ("unix:/run/x.sock", True),
+            ("0.0.0.0:50051", False),
+            ("[::]:50051", False),
+            ("10.0.0.5:50051", False),
+            ("apikeys.internal:50051", False),
+        ],
+    )
+    def test_which_addresses_are_local(self, listen: str, loopback: bool) -> None:
+        """Plaintext is only quiet on addresses other hosts cannot reach."""
+        assert is_loopback(listen) is loopback
