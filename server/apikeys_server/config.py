@@ -48,6 +48,10 @@ class Settings:
     db_write_timeout_seconds: float = 5.0
     db_pool_timeout_seconds: float = 1.0
     db_watchdog: bool = True
+    # Envoy ext_authz (rpc/ext_authz.py): the HTTP header holding the presented key, and whether
+    # the upstream still gets it (by default Envoy removes it once checked).
+    ext_authz_key_header: str = "x-api-key"
+    ext_authz_keep_key_header: bool = False
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_SECONDS:
