@@ -7,6 +7,7 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from apikeys.v1 import (
@@ -22,6 +23,7 @@ from apikeys_server.domain.manager import KeyManager
 from apikeys_server.domain.ports import ChangeSource
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.verifier import Verifier
+from apikeys_server.rpc import ext_authz
 from apikeys_server.rpc.key_manager import KeyManagerServicer
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     key_manager_pb2.DESCRIPTOR.services_by_name["KeyManager"].full_name,
     key_verifier_pb2.DESCRIPTOR.services_by_name["KeyVerifier"].full_name,
+    ext_authz.SERVICE_NAME,
 )
 
 
@@ -197,6 +200,14 @@ class App:
         key_verifier_pb2_grpc.add_KeyVerifierServicer_to_server(
             KeyVerifierServicer(
                 self.services.verifier, self.services.changes, max(1, settings.workers // 2)
+            ),
+            self.server,
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            ext_authz.ExtAuthzServicer(
+                self.services.verifier,
+                settings.ext_authz_key_header,
+                settings.ext_authz_keep_key_header,
             ),
             self.server,
         )

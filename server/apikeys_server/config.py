@@ -6,6 +6,7 @@ every rule when Settings are built and ``serve --help`` is written from the same
 """
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from datetime import timedelta
@@ -192,6 +193,17 @@ class Settings:
         1.0, help="wait for a pooled connection", low=0.01, high=600, **_SECONDS
     )
     db_watchdog: bool = setting(True, help="enforce the database bounds", **_BOOLEAN)
+    # Envoy ext_authz (rpc/ext_authz.py): the HTTP header holding the presented key, and whether
+    # the upstream still gets it (by default Envoy removes it once checked).
+    ext_authz_key_header: str = setting(
+        "x-api-key",
+        help="HTTP header holding the key Envoy's Check presents",
+        shape=lambda value: re.fullmatch(r"[a-z0-9-]{1,64}", value) is not None,
+        shape_text="a lowercase HTTP header name",
+    )
+    ext_authz_keep_key_header: bool = setting(
+        False, help="let the upstream see the key header after Check", **_BOOLEAN
+    )
 
     def __post_init__(self) -> None:
         for item in fields(self):

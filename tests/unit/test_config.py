@@ -31,6 +31,7 @@ STRING_SAMPLES = {
     "key_prefix": "wc_live",
     "log_level": "debug",
     "max_staleness_seconds": "20",  # its low end would be below the feed poll
+    "ext_authz_key_header": "x-gateway-key",
 }
 
 
@@ -41,7 +42,7 @@ def sample(name: str) -> str:
     if name in STRING_SAMPLES:
         return STRING_SAMPLES[name]
     if item.type is bool:
-        return "0"
+        return "0" if item.default else "1"
     if rule.low is not None and rule.high is not None:
         default = item.default
         seconds = default.total_seconds() if isinstance(default, timedelta) else default
