@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from apikeys_server.domain import errors
+from apikeys_server.rpc.registration import Undecodable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ STATUS_OF: Final[dict[type[errors.DomainError], grpc.StatusCode]] = {
 
 INTERNAL_MESSAGE: Final = "internal error; see the server log"
 INTERNAL_REASON: Final = "INTERNAL"
+UNDECODABLE_REASON: Final = "REQUEST_NOT_DECODABLE"
 
 
 def status_code(error: errors.DomainError) -> grpc.StatusCode:
@@ -91,6 +93,10 @@ def _abort_for(
     _abort(context, rich_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, INTERNAL_REASON))
 
 
+def _undecodable(request: Undecodable) -> errors.InvalidArgument:
+    return errors.InvalidArgument(request.message, reason=UNDECODABLE_REASON)
+
+
 Servicer = TypeVar("Servicer")
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -100,11 +106,14 @@ Handler = Callable[[Servicer, Request, grpc.ServicerContext], Response]
 def status_errors(
     handler: Handler[Servicer, Request, Response],
 ) -> Handler[Servicer, Request, Response]:
-    """Ends the call with the mapped status; never lets an exception reach grpc as UNKNOWN."""
+    """Ends the call with the mapped status; never lets an exception reach grpc as UNKNOWN.
+    A request that could not be decoded (rpc/registration.py) ends INVALID_ARGUMENT here."""
 
     @functools.wraps(handler)
     def wrapper(self: Servicer, request: Request, context: grpc.ServicerContext) -> Response:
         try:
+            if isinstance(request, Undecodable):
+                raise _undecodable(request)
             return handler(self, request, context)
         except Exception as error:
             _abort_for(error, handler, context)
@@ -125,6 +134,8 @@ def stream_status_errors(
         self: Servicer, request: Request, context: grpc.ServicerContext
     ) -> Iterator[Response]:
         try:
+            if isinstance(request, Undecodable):
+                raise _undecodable(request)
             yield from handler(self, request, context)
         except Exception as error:
             _abort_for(error, handler, context)
