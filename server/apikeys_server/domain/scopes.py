@@ -2,7 +2,7 @@
 
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -62,15 +62,16 @@ class ScopeCatalog:
         self.validate_known(requested, field)
         return granted
 
-    def validate_known(self, scopes: Sequence[str], field: str = "scopes") -> None:
+    def validate_known(self, scopes: Iterable[str], field: str = "scopes") -> None:
         """Every scope in the catalog; the error names the first unknown one (sorted) and its
         position in the request (``scopes[1]``)."""
-        for name in sorted(set(scopes)):
+        listed = list(scopes)  # a protobuf repeated field has no index()
+        for name in sorted(set(listed)):
             if name not in self.names:
                 raise InvalidArgument(
                     f"scope {_quote(name)} is not in the catalog; see ListScopes",
                     reason="SCOPE_NOT_IN_CATALOG",
-                    field=f"{field}[{scopes.index(name)}]",
+                    field=f"{field}[{listed.index(name)}]",
                 )
 
 

@@ -41,7 +41,7 @@ class Verifier:
             raise InvalidArgument(
                 f"required scope {shown(unknown)} is not in the catalog; see ListScopes",
                 reason="SCOPE_NOT_IN_CATALOG",
-                field=f"required_scopes[{required_scopes.index(unknown)}]",
+                field=f"required_scopes[{list(required_scopes).index(unknown)}]",
             )
         return self.check(key, tenant, required)
 
