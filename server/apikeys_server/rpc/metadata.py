@@ -8,15 +8,13 @@ CALLER_KEY_HEADER = "x-api-key"
 def caller_key(context: grpc.ServicerContext) -> str | None:
     """The caller's own key, from the ``x-api-key`` metadata; several values are refused, or a
     proxy that appends a header could pair a valid key with one nobody checked."""
-    found: str | None = None
-    seen = False
+    found: str | bytes | None = None
     for name, value in context.invocation_metadata():
         if name == CALLER_KEY_HEADER:
-            if seen:
+            if found is not None:
                 raise Unauthenticated(
                     "several x-api-key values: send exactly one x-api-key",
                     reason="DUPLICATE_CALLER_KEY",
                 )
-            seen = True
-            found = value if isinstance(value, str) else None
-    return found
+            found = value
+    return found if isinstance(found, str) else None
