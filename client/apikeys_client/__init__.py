@@ -2,17 +2,20 @@
 
 from apikeys_client._client import ApiKeysClient
 from apikeys_client._errors import (
+    Aborted,
     AlreadyGone,
     ApiKeysError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
 
 __all__ = [
+    "Aborted",
     "AlreadyGone",
     "ApiKeysClient",
     "ApiKeysError",
@@ -20,6 +23,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
 ]
