@@ -2,6 +2,7 @@
 
 from apikeys_client._client import ApiKeysClient
 from apikeys_client._errors import (
+    Aborted,
     AlreadyExists,
     AlreadyGone,
     ApiKeysError,
@@ -9,12 +10,14 @@ from apikeys_client._errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
 from apikeys_client._tls import tls_credentials
 
 __all__ = [
+    "Aborted",
     "AlreadyExists",
     "AlreadyGone",
     "ApiKeysClient",
@@ -23,6 +26,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
     "tls_credentials",

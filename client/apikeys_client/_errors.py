@@ -1,24 +1,46 @@
 """Typed errors raised by the client; each carries the gRPC status code and details.
 
-ApiKeysError                 any failed call (``.code``, ``.details``)
+ApiKeysError                 any failed call (``.code``, ``.details``, ``.reason``, ``.domain``,
+│                            ``.field_violations``)
 ├── InvalidArgument          the request is malformed (bad name, unknown scope, bad token)
 ├── Unauthenticated          the client's own key is missing or does not verify
 ├── PermissionDenied         the client's key lacks the scope or the tenant
 ├── NotFound                 no such key in that tenant
 ├── AlreadyExists            a retry (same request_id) of a create or rotate that already worked
 ├── FailedPrecondition       the key's state forbids the change (revoked, already rotated)
+├── Aborted                  a concurrent change conflicted; retry the whole call
+├── ResourceExhausted        a limit of the server is reached; retry later or elsewhere
 ├── Unavailable              the service or its database is unreachable; retry
 └── AlreadyGone              the deadline passed or the call was cancelled
+
+``reason`` is the server's machine-readable cause (``KEY_NOT_FOUND``, ``SCOPE_NOT_IN_CATALOG``…,
+from the ``google.rpc.ErrorInfo`` detail; ``domain`` is ``"apikeys"``): branch on it, not on
+the message. ``field_violations`` lists ``(field, description)`` for the request fields at fault
+(``google.rpc.BadRequest``), e.g. ``[("scopes[1]", "scope 'passes:wirte' is not in…")]``.
+Errors that did not come from the service (a deadline, a dead connection) have ``reason`` "".
 """
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 class ApiKeysError(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        reason: str = "",
+        domain: str = "",
+        field_violations: list[tuple[str, str]] | None = None,
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.reason = reason
+        self.domain = domain
+        self.field_violations = field_violations or []
 
 
 class InvalidArgument(ApiKeysError):
@@ -45,6 +67,14 @@ class FailedPrecondition(ApiKeysError):
     pass
 
 
+class Aborted(ApiKeysError):
+    pass
+
+
+class ResourceExhausted(ApiKeysError):
+    pass
+
+
 class Unavailable(ApiKeysError):
     pass
 
@@ -60,6 +90,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiKeysError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: AlreadyGone,
     grpc.StatusCode.CANCELLED: AlreadyGone,
@@ -67,6 +99,33 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiKeysError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> ApiKeysError:
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
-    return _BY_CODE.get(code, ApiKeysError)(code, details)
+    """The typed error for a failed call, unary or streaming, with its rich details if any."""
+    if not isinstance(error, grpc.Call):
+        return ApiKeysError(grpc.StatusCode.UNKNOWN, str(error))
+    code = error.code()
+    details = error.details() or str(error)
+    status = _rich_status(error)
+    reason = domain = ""
+    violations: list[tuple[str, str]] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, domain = info.reason, info.domain
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [(v.field, v.description) for v in bad.field_violations]
+    return _BY_CODE.get(code, ApiKeysError)(
+        code, details, reason=reason, domain=domain, field_violations=violations
+    )
+
+
+def _rich_status(call: grpc.Call) -> status_pb2.Status | None:
+    """The google.rpc.Status trailer; None when absent or inconsistent with the call's status
+    (a proxy rewrote it): the code and message still stand."""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except ValueError:
+        return None
+    return status

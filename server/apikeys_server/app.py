@@ -10,12 +10,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from apikeys.v1 import (
-    key_manager_pb2,
-    key_manager_pb2_grpc,
-    key_verifier_pb2,
-    key_verifier_pb2_grpc,
-)
+from apikeys.v1 import key_manager_pb2, key_verifier_pb2
 from apikeys_server.config import Settings
 from apikeys_server.domain.clock import Clock, SystemClock
 from apikeys_server.domain.key_format import KeyFormat
@@ -27,6 +22,7 @@ from apikeys_server.rpc import ext_authz
 from apikeys_server.rpc.key_manager import KeyManagerServicer
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
+from apikeys_server.rpc.registration import add_servicer
 from apikeys_server.storage import migrate
 from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
 from apikeys_server.storage.database import Database, DatabaseTimeouts, open_database
@@ -39,11 +35,9 @@ from apikeys_server.tls import ReloadingCertificates, TlsFiles
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    key_manager_pb2.DESCRIPTOR.services_by_name["KeyManager"].full_name,
-    key_verifier_pb2.DESCRIPTOR.services_by_name["KeyVerifier"].full_name,
-    ext_authz.SERVICE_NAME,
-)
+KEY_MANAGER = key_manager_pb2.DESCRIPTOR.services_by_name["KeyManager"]
+KEY_VERIFIER = key_verifier_pb2.DESCRIPTOR.services_by_name["KeyVerifier"]
+SERVICE_NAMES = (KEY_MANAGER.full_name, KEY_VERIFIER.full_name, ext_authz.SERVICE_NAME)
 
 
 @dataclass(frozen=True)
@@ -193,15 +187,18 @@ class App:
         self.health = health.HealthServicer()
         self.services = build_services(settings, self.clock, self._set_health)
         self.server = make_grpc_server(settings)
-        key_manager_pb2_grpc.add_KeyManagerServicer_to_server(
-            KeyManagerServicer(self.services.manager, self.services.verifier, self.clock),
+        # Not the generated add_*_to_server: undecodable requests answer INVALID_ARGUMENT.
+        add_servicer(
             self.server,
+            KEY_MANAGER,
+            KeyManagerServicer(self.services.manager, self.services.verifier, self.clock),
         )
-        key_verifier_pb2_grpc.add_KeyVerifierServicer_to_server(
+        add_servicer(
+            self.server,
+            KEY_VERIFIER,
             KeyVerifierServicer(
                 self.services.verifier, self.services.changes, max(1, settings.workers // 2)
             ),
-            self.server,
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             ext_authz.ExtAuthzServicer(

@@ -12,7 +12,7 @@ from sqlalchemy.exc import StatementError
 
 from apikeys.v1 import key_verifier_pb2, key_verifier_pb2_grpc
 from apikeys_server.app import create_server
-from apikeys_server.domain.errors import FailedPrecondition, Unavailable
+from apikeys_server.domain.errors import Aborted, Unavailable
 from apikeys_server.domain.key_format import KeyFormat
 from apikeys_server.domain.manager import new_id
 from apikeys_server.domain.pagination import Cursor
@@ -115,12 +115,13 @@ class TestRoundTrip:
         assert store.get_key("globex", record.id) is None
 
     def test_digest_is_unique(self, store: SqlKeyStore) -> None:
-        """A second key with the same digest is refused as a conflict, and rolled back."""
+        """A second key with the same digest is refused as a conflict (ABORTED), rolled back."""
         first = _record()
         _insert(store, first)
         clash = _record(digest=first.digest)
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(Aborted) as raised:
             _insert(store, clash)
+        assert raised.value.reason == "CONFLICT"
         assert store.get_key("acme", clash.id) is None
         assert store.find_by_digest(first.digest) == VerifyRecord.of(first)
 

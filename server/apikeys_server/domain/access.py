@@ -20,18 +20,26 @@ class Caller:
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
-            raise PermissionDenied(f"the caller's key {self.key_id} lacks the scope {scope!r}")
+            raise PermissionDenied(
+                f"the caller's key {self.key_id} lacks the scope {scope!r}",
+                reason="CALLER_LACKS_SCOPE",
+            )
 
     def resolve_tenant(self, requested: str) -> str:
         """The tenant a call acts on: platform keys name it, tenant keys default to their own."""
         if self.is_platform:
             if not requested:
-                raise InvalidArgument("tenant_id is required when calling with a platform key")
+                raise InvalidArgument(
+                    "tenant_id is required when calling with a platform key",
+                    reason="TENANT_REQUIRED",
+                    field="tenant_id",
+                )
             return validate_tenant(requested)
         if not requested or requested == self.tenant_id:
             return self.tenant_id
         validate_tenant(requested)
         raise PermissionDenied(
             f"the caller's key acts on tenant {shown(self.tenant_id)} only, "
-            f"not on {shown(requested)}"
+            f"not on {shown(requested)}",
+            reason="TENANT_MISMATCH",
         )

@@ -156,7 +156,11 @@ class KeyManager:
                 self._claim(tx, claim, "created key")
             # After the claim: a retry answers "already created" even once this has passed.
             if expire_time is not None and expire_time <= now:
-                raise InvalidArgument("expire_time must be in the future")
+                raise InvalidArgument(
+                    "expire_time must be in the future",
+                    reason="EXPIRE_TIME_IN_PAST",
+                    field="expire_time",
+                )
             tx.insert_key(issued.key)
             self._record(
                 tx, issued.key, EventAction.CREATED, actor_key_id, now, self._created(issued.key)
@@ -171,7 +175,7 @@ class KeyManager:
         validate_key_id(key_id)
         key = self._store.get_key(tenant, key_id)
         if key is None:
-            raise NotFound(f"key {key_id} not found in tenant {shown(tenant)}")
+            raise _not_found(key_id, tenant)
         return key
 
     def list_keys(
@@ -186,7 +190,11 @@ class KeyManager:
         caller.require(reserved.READ)
         tenant = caller.resolve_tenant(tenant_id)
         if name_prefix and not NAME_PATTERN.fullmatch(name_prefix):
-            raise InvalidArgument(f"name_prefix {shown(name_prefix)} cannot match any key name")
+            raise InvalidArgument(
+                f"name_prefix {shown(name_prefix)} cannot match any key name",
+                reason="INVALID_NAME_PREFIX",
+                field="name_prefix",
+            )
         limit = pagination.page_size(page_size)
         query = KeyQuery(tenant, include_revoked, name_prefix)
         fingerprint = f"keys|{tenant}|{int(include_revoked)}|{name_prefix}"
@@ -228,11 +236,17 @@ class KeyManager:
         tenant = caller.resolve_tenant(tenant_id)
         validate_key_id(key_id)
         if not paths:
-            raise InvalidArgument("update_mask is required; its paths may be: name, scopes")
-        for path in paths:
+            raise InvalidArgument(
+                "update_mask is required; its paths may be: name, scopes",
+                reason="UPDATE_MASK_REQUIRED",
+                field="update_mask",
+            )
+        for index, path in enumerate(paths):
             if path not in UPDATABLE_FIELDS:
                 raise InvalidArgument(
-                    f"update_mask path {shown(path)} cannot be updated; use: name, scopes"
+                    f"update_mask path {shown(path)} cannot be updated; use: name, scopes",
+                    reason="UPDATE_MASK_PATH_NOT_UPDATABLE",
+                    field=f"update_mask.paths[{index}]",
                 )
         new_name = validate_name(name) if "name" in paths else None
         new_scopes = self._catalog.validate_grant(scopes) if "scopes" in paths else None
@@ -264,10 +278,14 @@ class KeyManager:
         tenant = caller.resolve_tenant(tenant_id)
         validate_key_id(key_id)
         if overlap < timedelta(0):
-            raise InvalidArgument("overlap must not be negative")
+            raise InvalidArgument(
+                "overlap must not be negative", reason="NEGATIVE_OVERLAP", field="overlap"
+            )
         if overlap > self._max_overlap:
             raise InvalidArgument(
-                f"overlap must be at most {self._max_overlap} (APIKEYS_MAX_ROTATION_OVERLAP)"
+                f"overlap must be at most {self._max_overlap} (APIKEYS_MAX_ROTATION_OVERLAP)",
+                reason="OVERLAP_TOO_LONG",
+                field="overlap",
             )
         request = validate_request_id(request_id)
         now = self._clock.now()
@@ -305,7 +323,7 @@ class KeyManager:
         with self._store.transaction() as tx:
             key = tx.get_key_for_update(tenant, key_id)
             if key is None:
-                raise NotFound(f"key {key_id} not found in tenant {shown(tenant)}")
+                raise _not_found(key_id, tenant)
             if key.revoke_time is not None:
                 return key  # idempotent: already revoked, nothing changes, no event
             revoked = replace(key, revoke_time=now, revoke_reason=reason)
@@ -360,7 +378,9 @@ class KeyManager:
             f"this request was already done: request_id {shown(claim.request_id)} {done} "
             f"{earlier.key_id} at {_show_time(earlier.create_time)}; its secret was shown only "
             f"in that response and cannot be shown again. If the secret was lost, revoke key "
-            f"{earlier.key_id} and create a new key"
+            f"{earlier.key_id} and create a new key",
+            reason="REQUEST_ALREADY_DONE",
+            field="request_id",
         )
 
     @staticmethod
@@ -369,17 +389,22 @@ class KeyManager:
     ) -> KeyRecord:
         key = tx.get_key_for_update(tenant, key_id)
         if key is None:
-            raise NotFound(f"key {key_id} not found in tenant {shown(tenant)}")
+            raise _not_found(key_id, tenant)
         state = key.state(now)
         if state is KeyState.REVOKED:
-            raise FailedPrecondition(f"key {key_id} is revoked and cannot {verb}; create a new key")
+            raise FailedPrecondition(
+                f"key {key_id} is revoked and cannot {verb}; create a new key",
+                reason="KEY_REVOKED",
+            )
         if verb == "rotate" and key.replaced_by is not None:
             raise FailedPrecondition(
-                f"key {key_id} was already rotated to {key.replaced_by}; rotate that key instead"
+                f"key {key_id} was already rotated to {key.replaced_by}; rotate that key instead",
+                reason="KEY_ALREADY_ROTATED",
             )
         if state is KeyState.EXPIRED and not allow_expired:
             raise FailedPrecondition(
-                f"key {key_id} has expired and cannot {verb}; create a new key"
+                f"key {key_id} has expired and cannot {verb}; create a new key",
+                reason="KEY_EXPIRED",
             )
         return key
 
@@ -434,3 +459,7 @@ class KeyManager:
             return Page(items, "")
         page = items[:limit]
         return Page(page, pagination.encode(cursor_of(page[-1]), fingerprint))
+
+
+def _not_found(key_id: str, tenant: str) -> NotFound:
+    return NotFound(f"key {key_id} not found in tenant {shown(tenant)}", reason="KEY_NOT_FOUND")

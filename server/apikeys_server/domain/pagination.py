@@ -24,7 +24,9 @@ class Cursor:
 
 def page_size(requested: int) -> int:
     if requested < 0:
-        raise InvalidArgument("page_size must not be negative")
+        raise InvalidArgument(
+            "page_size must not be negative", reason="NEGATIVE_PAGE_SIZE", field="page_size"
+        )
     if requested == 0:
         return DEFAULT_PAGE_SIZE
     return min(requested, MAX_PAGE_SIZE)
@@ -40,7 +42,11 @@ def decode(token: str, query: str) -> Cursor | None:
     """None for the first page; INVALID_ARGUMENT for a forged token or one from another query."""
     if not token:
         return None
-    invalid = InvalidArgument("page_token is not a token returned by this listing")
+    invalid = InvalidArgument(
+        "page_token is not a token returned by this listing",
+        reason="INVALID_PAGE_TOKEN",
+        field="page_token",
+    )
     if len(token) > MAX_TOKEN_LENGTH:
         raise invalid
     try:
@@ -56,6 +62,8 @@ def decode(token: str, query: str) -> Cursor | None:
     if stored_query != query:
         raise InvalidArgument(
             "page_token belongs to a listing with other filters; "
-            "keep tenant_id and filters unchanged between pages"
+            "keep tenant_id and filters unchanged between pages",
+            reason="PAGE_TOKEN_FILTERS_CHANGED",
+            field="page_token",
         )
     return cursor

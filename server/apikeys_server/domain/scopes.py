@@ -43,20 +43,36 @@ class ScopeCatalog:
     def list(self) -> list[Scope]:
         return [Scope(name, text) for name, text in self._descriptions.items()]
 
-    def validate_grant(self, scopes: Iterable[str]) -> frozenset[str]:
+    def validate_grant(self, scopes: Iterable[str], field: str = "scopes") -> frozenset[str]:
         """Scopes for a key: at least one, every one in the catalog."""
-        granted = frozenset(scopes)
+        requested = list(scopes)
+        granted = frozenset(requested)
         if not granted:
-            raise InvalidArgument("at least one scope is required; see ListScopes")
+            raise InvalidArgument(
+                "at least one scope is required; see ListScopes",
+                reason="SCOPES_REQUIRED",
+                field=field,
+            )
         if len(granted) > MAX_SCOPES_PER_KEY:
-            raise InvalidArgument(f"a key holds at most {MAX_SCOPES_PER_KEY} scopes")
-        self.validate_known(granted)
+            raise InvalidArgument(
+                f"a key holds at most {MAX_SCOPES_PER_KEY} scopes",
+                reason="TOO_MANY_SCOPES",
+                field=field,
+            )
+        self.validate_known(requested, field)
         return granted
 
-    def validate_known(self, scopes: Iterable[str]) -> None:
-        for name in sorted(set(scopes)):
+    def validate_known(self, scopes: Iterable[str], field: str = "scopes") -> None:
+        """Every scope in the catalog; the error names the first unknown one (sorted) and its
+        position in the request (``scopes[1]``)."""
+        listed = list(scopes)  # a protobuf repeated field has no index()
+        for name in sorted(set(listed)):
             if name not in self.names:
-                raise InvalidArgument(f"scope {_quote(name)} is not in the catalog; see ListScopes")
+                raise InvalidArgument(
+                    f"scope {_quote(name)} is not in the catalog; see ListScopes",
+                    reason="SCOPE_NOT_IN_CATALOG",
+                    field=f"{field}[{listed.index(name)}]",
+                )
 
 
 def _quote(text: str) -> str:

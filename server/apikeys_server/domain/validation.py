@@ -24,7 +24,9 @@ def validate_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             f"name {shown(name)} must be 1-64 letters, digits, '.', '_' or '-' "
-            "and say the owning system and environment, e.g. 'crm-sync-prod'"
+            "and say the owning system and environment, e.g. 'crm-sync-prod'",
+            reason="INVALID_NAME",
+            field="name",
         )
     return name
 
@@ -33,26 +35,36 @@ def validate_tenant(tenant_id: str) -> str:
     if tenant_id == PLATFORM_TENANT:
         return tenant_id
     if not tenant_id:
-        raise InvalidArgument("tenant_id is required")
+        raise InvalidArgument("tenant_id is required", reason="TENANT_REQUIRED", field="tenant_id")
     if not TENANT_PATTERN.fullmatch(tenant_id):
         raise InvalidArgument(
             f"tenant_id {shown(tenant_id)} must be 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            "starting with a letter or digit",
+            reason="INVALID_TENANT_ID",
+            field="tenant_id",
         )
     return tenant_id
 
 
 def validate_key_id(key_id: str) -> str:
     if not key_id:
-        raise InvalidArgument("key_id is required")
+        raise InvalidArgument("key_id is required", reason="KEY_ID_REQUIRED", field="key_id")
     if not KEY_ID_PATTERN.fullmatch(key_id):
-        raise InvalidArgument(f"key_id {shown(key_id)} is not a key id (e.g. 'key_0f3k…')")
+        raise InvalidArgument(
+            f"key_id {shown(key_id)} is not a key id (e.g. 'key_0f3k…')",
+            reason="INVALID_KEY_ID",
+            field="key_id",
+        )
     return key_id
 
 
 def validate_reason(reason: str) -> str:
     if len(reason) > MAX_REASON_LENGTH:
-        raise InvalidArgument(f"reason is at most {MAX_REASON_LENGTH} characters")
+        raise InvalidArgument(
+            f"reason is at most {MAX_REASON_LENGTH} characters",
+            reason="REASON_TOO_LONG",
+            field="reason",
+        )
     return reason
 
 

@@ -1,6 +1,6 @@
 """The hot path: shape check, digest, (cached) lookup, rules. Also authenticates callers."""
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from apikeys_server.domain import scopes as reserved
 from apikeys_server.domain.access import Caller
@@ -30,7 +30,7 @@ class Verifier:
         self._usage = usage
 
     def verify(
-        self, caller: Caller, key: str, tenant_id: str, required_scopes: Iterable[str]
+        self, caller: Caller, key: str, tenant_id: str, required_scopes: Sequence[str]
     ) -> VerifyResult:
         """Verify as asked by ``caller``: needs apikeys:verify and acts on the caller's tenants."""
         caller.require(reserved.VERIFY)
@@ -39,7 +39,9 @@ class Verifier:
         if not required <= self._catalog.names:
             unknown = sorted(required - self._catalog.names)[0]
             raise InvalidArgument(
-                f"required scope {shown(unknown)} is not in the catalog; see ListScopes"
+                f"required scope {shown(unknown)} is not in the catalog; see ListScopes",
+                reason="SCOPE_NOT_IN_CATALOG",
+                field=f"required_scopes[{list(required_scopes).index(unknown)}]",
             )
         return self.check(key, tenant, required)
 
@@ -58,16 +60,24 @@ class Verifier:
     def authenticate(self, key: str | None) -> Caller:
         """The caller of an RPC, from its own key; its scopes are checked by each operation."""
         if not key:
-            raise Unauthenticated("missing x-api-key metadata: send a key of this service")
+            raise Unauthenticated(
+                "missing x-api-key metadata: send a key of this service",
+                reason="MISSING_CALLER_KEY",
+            )
         if not self._format.is_well_formed(key):
-            raise Unauthenticated("x-api-key is not a well-formed key of this deployment")
+            raise Unauthenticated(
+                "x-api-key is not a well-formed key of this deployment",
+                reason="MALFORMED_CALLER_KEY",
+            )
         record = self._lookup.find_by_digest(digest(key))
         if record is None:
-            raise Unauthenticated("x-api-key is not a known key")
+            raise Unauthenticated("x-api-key is not a known key", reason="CALLER_KEY_NOT_KNOWN")
         now = self._clock.now()
         # What evaluate() decides for a key in its own tenant with no scope required.
         state = key_state(record.revoked, record.expire_time, now)
         if state is not KeyState.ACTIVE:
-            raise Unauthenticated(f"x-api-key {record.id} is {state.value}")
+            raise Unauthenticated(
+                f"x-api-key {record.id} is {state.value}", reason=f"CALLER_KEY_{state.name}"
+            )
         self._usage.record(record.id, now)
         return Caller(record.id, record.tenant_id, record.scopes)

@@ -24,7 +24,11 @@ def watch_changes(
     # Platform keys may watch every tenant at once; anyone else acts on one tenant.
     tenant = None if caller.is_platform and not tenant_id else caller.resolve_tenant(tenant_id)
     if after_position < 0:
-        raise InvalidArgument("after_position must not be negative")
+        raise InvalidArgument(
+            "after_position must not be negative",
+            reason="NEGATIVE_AFTER_POSITION",
+            field="after_position",
+        )
     if after_position == 0:
         after_position = source.position
     else:
@@ -32,7 +36,9 @@ def watch_changes(
         if after_position > head:
             raise InvalidArgument(
                 f"after_position {after_position} is beyond the feed's head ({head}); "
-                "was it given by another deployment? Watch from 0"
+                "was it given by another deployment? Watch from 0",
+                reason="AFTER_POSITION_BEYOND_HEAD",
+                field="after_position",
             )
     for update in source.updates(after_position, HEARTBEAT_SECONDS, active):
         if tenant is not None and update.changes:

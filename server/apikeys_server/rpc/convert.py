@@ -47,18 +47,26 @@ def optional_datetime(message: Timestamp, field: str, present: bool) -> datetime
     try:
         return message.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError, OSError):
-        raise InvalidArgument(f"{field} is not a valid timestamp") from None
+        raise InvalidArgument(
+            f"{field} is not a valid timestamp", reason="INVALID_TIMESTAMP", field=field
+        ) from None
 
 
 def duration(message: Duration, field: str) -> timedelta:
     if message.nanos and (
         message.seconds > 0 > message.nanos or message.seconds < 0 < message.nanos
     ):
-        raise InvalidArgument(f"{field} is not a valid duration (seconds and nanos differ in sign)")
+        raise InvalidArgument(
+            f"{field} is not a valid duration (seconds and nanos differ in sign)",
+            reason="INVALID_DURATION",
+            field=field,
+        )
     try:
         return message.ToTimedelta()
     except (ValueError, OverflowError):
-        raise InvalidArgument(f"{field} is not a valid duration") from None
+        raise InvalidArgument(
+            f"{field} is not a valid duration", reason="INVALID_DURATION", field=field
+        ) from None
 
 
 def api_key(key: KeyRecord, now: datetime) -> api_key_pb2.ApiKey:

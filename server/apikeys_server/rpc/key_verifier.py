@@ -40,7 +40,8 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
         if not self._watch_slots.acquire(blocking=False):
             raise ResourceExhausted(
                 "this server is serving as many watch streams as it allows; "
-                "retry later or on another replica"
+                "retry later or on another replica",
+                reason="TOO_MANY_WATCHES",
             )
         try:
             updates = watch_changes(

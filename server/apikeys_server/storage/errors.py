@@ -6,15 +6,20 @@ from contextlib import contextmanager
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from apikeys_server.domain.errors import FailedPrecondition, Unavailable
+from apikeys_server.domain.errors import Aborted, Unavailable
 
 
 @contextmanager
 def database_errors() -> Iterator[None]:
-    """Connection trouble becomes UNAVAILABLE: callers fail closed and may retry."""
+    """A conflict with a concurrent change is ABORTED (AIP-193: retrying the whole call may
+    succeed); connection trouble becomes UNAVAILABLE: callers fail closed and may retry."""
     try:
         yield
     except IntegrityError as error:
-        raise FailedPrecondition("the change conflicts with a concurrent one; retry") from error
+        raise Aborted(
+            "the change conflicts with a concurrent one; retry", reason="CONFLICT"
+        ) from error
     except (OperationalError, DBAPIError, PoolTimeout) as error:
-        raise Unavailable("the key database is unavailable; retry later") from error
+        raise Unavailable(
+            "the key database is unavailable; retry later", reason="DATABASE_UNAVAILABLE"
+        ) from error

@@ -323,7 +323,8 @@ class FeedFollower:
         if batch.pruned_through > after:
             raise FailedPrecondition(
                 f"changes after position {after} were pruned (the feed keeps them for "
-                f"{self._retention}); clear your cache and watch from position 0"
+                f"{self._retention}); clear your cache and watch from position 0",
+                reason="FEED_POSITION_PRUNED",
             )
         if len(batch.changes) == READ_BATCH:
             return FeedUpdate(batch.changes, batch.changes[-1].position, confirm_time)
@@ -345,5 +346,6 @@ class NotFollowing:
         self, after: int, heartbeat: float, active: Callable[[], bool]
     ) -> Iterator[FeedUpdate]:
         raise FailedPrecondition(
-            "this server does not follow the change feed (APIKEYS_FOLLOW_FEED=false)"
+            "this server does not follow the change feed (APIKEYS_FOLLOW_FEED=false)",
+            reason="FEED_NOT_FOLLOWED",
         )

@@ -356,7 +356,9 @@ class SqlKeyStore:
         except lookup.driver_error as error:
             # A new connection that could not be made (the pool's connect leaves the driver's
             # error unwrapped): nothing stale to retry, and a retry would wait as long again.
-            raise Unavailable("the key database is unavailable; retry later") from error
+            raise Unavailable(
+                "the key database is unavailable; retry later", reason="DATABASE_UNAVAILABLE"
+            ) from error
         failed = timed_out = False
         try:
             cursor = connection.cursor()
@@ -373,7 +375,10 @@ class SqlKeyStore:
         finally:
             connection.close()
         if timed_out:
-            raise Unavailable("the key database did not answer in time; retry later")
+            raise Unavailable(
+                "the key database did not answer in time; retry later",
+                reason="DATABASE_UNAVAILABLE",
+            )
         if failed:
             return self._find_by_digest_via_connection(digest)
         return None if row is None else lookup.record(row, digest)
