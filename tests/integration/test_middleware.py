@@ -312,6 +312,20 @@ def http_call(
 
 
 class TestAsgiOnly:
+    def test_prefixes_match_whole_segments_longest_first(self, world: World) -> None:
+        routes = {
+            **ROUTES,
+            ("*", "/passes/public"): None,
+            ("GET", "/passes/admin"): ["customers:read"],
+        }
+        client = TestClient(starlette_app(world.verifier, scopes=routes))
+        key = {"x-api-key": world.read_key}
+        assert client.get("/passesx", headers=key).json()["code"] == "not_mapped"
+        assert client.get("/passes/public/1").status_code == 404  # public: reached the app
+        answer = client.get("/passes/admin/1", headers=key)
+        assert (answer.status_code, answer.json()["missing_scopes"]) == (403, ["customers:read"])
+        assert client.get("/passes/1", headers=key).status_code == 404  # allowed: the app's 404
+
     def test_async_verifier_is_awaited(self, world: World) -> None:
         class AsyncVerifier:
             calls = 0
