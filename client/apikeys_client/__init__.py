@@ -1,6 +1,7 @@
 """Python client for the apikeys service: key management and Verify over gRPC."""
 
-from apikeys_client._client import ApiKeysClient
+from apikeys_client._aio import AsyncApiKeysClient
+from apikeys_client._client import ApiKeysClient, WatchStream
 from apikeys_client._errors import (
     Aborted,
     AlreadyExists,
@@ -22,6 +23,7 @@ __all__ = [
     "AlreadyGone",
     "ApiKeysClient",
     "ApiKeysError",
+    "AsyncApiKeysClient",
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
@@ -29,5 +31,6 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "WatchStream",
     "tls_credentials",
 ]
