@@ -1,6 +1,7 @@
 """Python client for the apikeys service: key management and Verify over gRPC."""
 
 from apikeys_client._aio import AsyncApiKeysClient
+from apikeys_client._caching import AsyncCachingVerifier, CachingVerifier
 from apikeys_client._client import ApiKeysClient, WatchStream
 from apikeys_client._errors import (
     Aborted,
@@ -24,6 +25,8 @@ __all__ = [
     "ApiKeysClient",
     "ApiKeysError",
     "AsyncApiKeysClient",
+    "AsyncCachingVerifier",
+    "CachingVerifier",
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
