@@ -121,10 +121,13 @@ def _is_ip(host: str) -> bool:
 
 
 def _addresses(host: str, port: int) -> list[str]:
+    """The host's addresses; for a name with both families (``localhost``), the IPv4 ones."""
     if _is_ip(host):
         return [host]
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in found))
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+    v4 = [address for address in addresses if ipaddress.ip_address(address).version == 4]
+    return v4 or addresses
 
 
 def metadata(api_key: str) -> tuple[tuple[str, str], ...]:
