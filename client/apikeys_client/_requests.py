@@ -71,6 +71,11 @@ def channel_options(
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Reconnect to a restarted server within the retries' window (gRPC's default first
+        # reconnect waits 1 s), backing off to 5 s while it stays down.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
     if authority:
         options.append(("grpc.default_authority", authority))

@@ -3,6 +3,7 @@ round robin over several addresses, against real servers."""
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -107,6 +108,45 @@ class TestRetries:
         ):
             client.verify("key")
         assert flaky.attempts["Verify"] == 1
+
+
+class TestRestartedServer:
+    @pytest.mark.parametrize("retries", [True, False])
+    def test_verify_rides_over_a_restart_create_key_does_not(
+        self, tmp_path: Path, retries: bool
+    ) -> None:
+        """The apikeys server stops and starts again on the same port (same database) 0.1 s
+        later: a Verify made while it is down succeeds through retries; a CreateKey made while
+        it is down fails with Unavailable (never retried). Control: without retries, the
+        Verify fails too."""
+        url = f"sqlite:///{tmp_path / 'restart.db'}"
+        settings = server_settings(url, listen=f"127.0.0.1:{free_port()}")
+        with running_server(settings) as first:
+            client = ApiKeysClient(first.target, first.admin_key, timeout=10, retries=retries)
+            secret = client.create_key("svc", ["passes:read"], tenant_id="acme").secret
+            assert client.verify(secret, tenant_id="acme").code == VALID
+        with client:
+            with pytest.raises(Unavailable):
+                client.create_key("svc", ["passes:read"], tenant_id="acme")
+            restarted = threading.Event()
+
+            def restart() -> None:
+                time.sleep(0.1)
+                with running_server(settings):
+                    restarted.set()
+                    time.sleep(3)
+
+            thread = threading.Thread(target=restart)
+            thread.start()
+            try:
+                if retries:
+                    assert client.verify(secret, tenant_id="acme").code == VALID
+                    assert restarted.is_set()
+                else:
+                    with pytest.raises(Unavailable):
+                        client.verify(secret, tenant_id="acme")
+            finally:
+                thread.join()
 
 
 def _count_verifies(server: RunningServer) -> list[int]:
