@@ -1,6 +1,8 @@
 """Python client for the apikeys service: key management and Verify over gRPC."""
 
-from apikeys_client._client import ApiKeysClient
+from apikeys_client._aio import AsyncApiKeysClient
+from apikeys_client._caching import AsyncCachingVerifier, CachingVerifier
+from apikeys_client._client import ApiKeysClient, WatchStream
 from apikeys_client._errors import (
     Aborted,
     AlreadyExists,
@@ -22,6 +24,9 @@ __all__ = [
     "AlreadyGone",
     "ApiKeysClient",
     "ApiKeysError",
+    "AsyncApiKeysClient",
+    "AsyncCachingVerifier",
+    "CachingVerifier",
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
@@ -29,5 +34,6 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "WatchStream",
     "tls_credentials",
 ]

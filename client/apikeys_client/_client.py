@@ -1,15 +1,12 @@
-"""A thin client over the generated stubs: owns its channel, sends the caller key, deadlines."""
+"""The blocking client: owns its channel, sends the caller key, deadlines; requests are built
+and errors mapped by the modules both clients share (``_requests``, ``_errors``)."""
 
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.field_mask_pb2 import FieldMask
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeys.v1 import (
     api_key_pb2,
@@ -18,17 +15,46 @@ from apikeys.v1 import (
     key_verifier_pb2,
     key_verifier_pb2_grpc,
 )
+from apikeys_client import _requests as build
 from apikeys_client._errors import from_rpc_error
+from apikeys_client._requests import DEFAULT_TIMEOUT_SECONDS
 
 Response = TypeVar("Response")
-DEFAULT_TIMEOUT_SECONDS = 5.0
+
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "ApiKeysClient", "WatchStream"]
+
+
+class WatchStream(Iterator[key_verifier_pb2.WatchKeyChangesResponse]):
+    """The messages of a WatchKeyChanges call; ``cancel()`` (from any thread) ends it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> key_verifier_pb2.WatchKeyChangesResponse:
+        try:
+            message: key_verifier_pb2.WatchKeyChangesResponse = next(self._call)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return message
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    close = cancel
 
 
 class ApiKeysClient:
     """Calls the apikeys service as the holder of ``api_key`` (sent as ``x-api-key``).
 
-    Use it as a context manager, or call ``close()``. ``target`` is ``host:port``; pass
-    ``credentials`` for TLS, or ``channel`` to bring your own (then it is not closed here).
+    Use it as a context manager, or call ``close()``. ``target`` is ``host:port``, a list
+    ``"host1:50051,host2:50051"`` or a gRPC URI such as ``dns:///apikeys:50051`` (calls are
+    spread round robin over every address). Pass ``credentials`` for TLS, or ``channel`` to
+    bring your own (then it is not closed here, and its options are yours). Idempotent calls
+    (Verify, GetKey, ListKeys, ListScopes, ListEvents) are retried on UNAVAILABLE within
+    ``timeout``; ``retries=False`` turns that off.
     """
 
     def __init__(
@@ -39,16 +65,22 @@ class ApiKeysClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.Channel | None = None,
+        retries: bool = True,
+        keepalive_seconds: float = 30.0,
     ) -> None:
         self._owns_channel = channel is None
         if channel is None:
+            resolved, authority = build.channel_target(target)
+            options = build.channel_options(
+                retries=retries, keepalive_seconds=keepalive_seconds, authority=authority
+            )
             channel = (
-                grpc.secure_channel(target, credentials)
+                grpc.secure_channel(resolved, credentials, options)
                 if credentials is not None
-                else grpc.insecure_channel(target)
+                else grpc.insecure_channel(resolved, options)
             )
         self._channel = channel
-        self._metadata = (("x-api-key", api_key),)
+        self._metadata = build.metadata(api_key)
         self._timeout = timeout
         self._manager = key_manager_pb2_grpc.KeyManagerStub(channel)
         self._verifier = key_verifier_pb2_grpc.KeyVerifierStub(channel)
@@ -80,27 +112,17 @@ class ApiKeysClient:
         self, key: str, required_scopes: Iterable[str] = (), *, tenant_id: str = ""
     ) -> key_verifier_pb2.VerifyResponse:
         """Whether ``key`` may make a call needing ``required_scopes``; see ``http_status``."""
-        request = key_verifier_pb2.VerifyRequest(
-            key=key, tenant_id=tenant_id, required_scopes=list(required_scopes)
-        )
-        return self._call(self._verifier.Verify, request)
+        return self._call(self._verifier.Verify, build.verify(key, required_scopes, tenant_id))
 
     def watch_key_changes(
         self, after_position: int = 0, *, tenant_id: str = "", timeout: float | None = None
-    ) -> Iterator[key_verifier_pb2.WatchKeyChangesResponse]:
+    ) -> WatchStream:
         """Key changes after ``after_position`` (0: from now), then as they happen, with a
-        heartbeat (no changes) at least every second. Runs until ``timeout`` (None: until the
-        iterator is closed) or the server ends it."""
-        request = key_verifier_pb2.WatchKeyChangesRequest(
-            after_position=after_position, tenant_id=tenant_id
-        )
-        stream = self._verifier.WatchKeyChanges(request, metadata=self._metadata, timeout=timeout)
-        try:
-            yield from stream
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            stream.cancel()  # type: ignore[no-untyped-call]
+        heartbeat (no changes) at least every second. Runs until ``timeout`` (None: until
+        ``cancel()``) or the server ends it."""
+        request = build.watch_key_changes(after_position, tenant_id)
+        call = self._verifier.WatchKeyChanges(request, metadata=self._metadata, timeout=timeout)
+        return WatchStream(call)
 
     # -- management --------------------------------------------------------------------------
 
@@ -120,16 +142,11 @@ class ApiKeysClient:
         ``request_id``: within 24 hours the service never makes a second key; it raises
         ``AlreadyExists`` naming the key already made (whose secret cannot be shown again).
         """
-        request = key_manager_pb2.CreateKeyRequest(
-            tenant_id=tenant_id, name=name, scopes=list(scopes), request_id=_request_id(request_id)
-        )
-        if expire_time is not None:
-            request.expire_time.CopyFrom(_timestamp(expire_time))
+        request = build.create_key(name, scopes, tenant_id, expire_time, request_id)
         return self._call(self._manager.CreateKey, request)
 
     def get_key(self, key_id: str, *, tenant_id: str = "") -> api_key_pb2.ApiKey:
-        request = key_manager_pb2.GetKeyRequest(tenant_id=tenant_id, key_id=key_id)
-        return self._call(self._manager.GetKey, request)
+        return self._call(self._manager.GetKey, build.get_key(key_id, tenant_id))
 
     def list_keys(
         self,
@@ -142,17 +159,10 @@ class ApiKeysClient:
         """Every matching key, newest first, fetching pages lazily."""
         token = ""
         while True:
-            request = key_manager_pb2.ListKeysRequest(
-                tenant_id=tenant_id,
-                page_size=page_size,
-                page_token=token,
-                include_revoked=include_revoked,
-                name_prefix=name_prefix,
-            )
+            request = build.list_keys(token, tenant_id, include_revoked, name_prefix, page_size)
             page = self._call(self._manager.ListKeys, request)
             yield from page.keys
-            token = page.next_page_token
-            if not token:
+            if not (token := page.next_page_token):
                 return
 
     def update_key(
@@ -164,15 +174,7 @@ class ApiKeysClient:
         scopes: Iterable[str] | None = None,
     ) -> api_key_pb2.ApiKey:
         """Renames and/or re-scopes a key; only the arguments given are changed."""
-        paths = []
-        request = key_manager_pb2.UpdateKeyRequest(tenant_id=tenant_id, key_id=key_id)
-        if name is not None:
-            request.name = name
-            paths.append("name")
-        if scopes is not None:
-            request.scopes.extend(scopes)
-            paths.append("scopes")
-        request.update_mask.CopyFrom(FieldMask(paths=paths))
+        request = build.update_key(key_id, tenant_id, name, scopes)
         return self._call(self._manager.UpdateKey, request)
 
     def rotate_key(
@@ -187,23 +189,16 @@ class ApiKeysClient:
 
         ``request_id``: as for ``create_key`` (None: a fresh UUID; ``""``: none).
         """
-        request = key_manager_pb2.RotateKeyRequest(
-            tenant_id=tenant_id, key_id=key_id, request_id=_request_id(request_id)
-        )
-        request.overlap.CopyFrom(_duration(overlap))
+        request = build.rotate_key(key_id, overlap, tenant_id, request_id)
         return self._call(self._manager.RotateKey, request)
 
     def revoke_key(
         self, key_id: str, *, tenant_id: str = "", reason: str = ""
     ) -> api_key_pb2.ApiKey:
-        request = key_manager_pb2.RevokeKeyRequest(
-            tenant_id=tenant_id, key_id=key_id, reason=reason
-        )
-        return self._call(self._manager.RevokeKey, request)
+        return self._call(self._manager.RevokeKey, build.revoke_key(key_id, tenant_id, reason))
 
     def list_scopes(self) -> list[api_key_pb2.Scope]:
-        response = self._call(self._manager.ListScopes, key_manager_pb2.ListScopesRequest())
-        return list(response.scopes)
+        return list(self._call(self._manager.ListScopes, build.list_scopes()).scopes)
 
     def list_events(
         self, *, tenant_id: str = "", key_id: str = "", page_size: int = 0
@@ -211,28 +206,8 @@ class ApiKeysClient:
         """The audit trail, newest first, fetching pages lazily."""
         token = ""
         while True:
-            request = key_manager_pb2.ListEventsRequest(
-                tenant_id=tenant_id, key_id=key_id, page_size=page_size, page_token=token
-            )
+            request = build.list_events(token, tenant_id, key_id, page_size)
             page = self._call(self._manager.ListEvents, request)
             yield from page.events
-            token = page.next_page_token
-            if not token:
+            if not (token := page.next_page_token):
                 return
-
-
-def _request_id(given: str | None) -> str:
-    """A fresh UUID unless the caller chose an id (or ``""``: none)."""
-    return str(uuid.uuid4()) if given is None else given
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    message = Timestamp()
-    message.FromDatetime(value)
-    return message
-
-
-def _duration(value: timedelta) -> Duration:
-    message = Duration()
-    message.FromTimedelta(value)
-    return message

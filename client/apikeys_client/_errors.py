@@ -20,7 +20,10 @@ the message. ``field_violations`` lists ``(field, description)`` for the request
 Errors that did not come from the service (a deadline, a dead connection) have ``reason`` "".
 """
 
+from typing import cast
+
 import grpc
+import grpc.aio
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -99,8 +102,10 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiKeysError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> ApiKeysError:
-    """The typed error for a failed call, unary or streaming, with its rich details if any."""
-    if not isinstance(error, grpc.Call):
+    """The typed error for a failed call, unary or streaming, sync (a ``grpc.RpcError`` that is
+    a ``grpc.Call``) or asyncio (``grpc.aio.AioRpcError``, whose ``code()``, ``details()`` and
+    ``trailing_metadata()`` are plain methods too), with its rich details if any."""
+    if not isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         return ApiKeysError(grpc.StatusCode.UNKNOWN, str(error))
     code = error.code()
     details = error.details() or str(error)
@@ -108,11 +113,11 @@ def from_rpc_error(error: grpc.RpcError) -> ApiKeysError:
     reason = domain = ""
     violations: list[tuple[str, str]] = []
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+        if detail.TypeName() == error_details_pb2.ErrorInfo.DESCRIPTOR.full_name:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             reason, domain = info.reason, info.domain
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        elif detail.TypeName() == error_details_pb2.BadRequest.DESCRIPTOR.full_name:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations += [(v.field, v.description) for v in bad.field_violations]
@@ -121,11 +126,12 @@ def from_rpc_error(error: grpc.RpcError) -> ApiKeysError:
     )
 
 
-def _rich_status(call: grpc.Call) -> status_pb2.Status | None:
+def _rich_status(call: grpc.Call | grpc.aio.AioRpcError) -> status_pb2.Status | None:
     """The google.rpc.Status trailer; None when absent or inconsistent with the call's status
     (a proxy rewrote it): the code and message still stand."""
     try:
-        status: status_pb2.Status | None = rpc_status.from_call(call)
+        # from_call reads only code(), details() and trailing_metadata(): both kinds have them.
+        status: status_pb2.Status | None = rpc_status.from_call(cast(grpc.Call, call))
     except ValueError:
         return None
     return status

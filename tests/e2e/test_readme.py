@@ -29,7 +29,7 @@ def grpcurl_blocks(tls: bool = False) -> list[str]:
 
 
 def python_examples() -> list[str]:
-    """The client example, then the TLS one."""
+    """The client example first; then the asyncio, several-servers, caching and TLS ones."""
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
 
 
@@ -75,3 +75,28 @@ class TestReadmeExamples:
         printed = capsys.readouterr().out.splitlines()
         assert printed[0] == "200"
         assert "crm-sync-prod" in printed[1]
+
+    @pytest.mark.parametrize(
+        ("marker", "expected"),
+        [
+            ("AsyncApiKeysClient(", "200"),
+            ("localhost:50052", "True"),
+            ("CachingVerifier(client", "200"),
+        ],
+    )
+    def test_client_feature_examples_run(
+        self,
+        server_factory: ServerFactory,
+        capsys: pytest.CaptureFixture[str],
+        marker: str,
+        expected: str,
+    ) -> None:
+        """The asyncio, several-servers and caching examples run as written (both addresses
+        of the list pointed at the test server) and print what their comments say."""
+        server = server_factory()
+        [example] = [block for block in python_examples() if marker in block]
+        code = example.replace("localhost:50051", server.target).replace(
+            "localhost:50052", server.target
+        )
+        exec(compile(code, "README.md", "exec"), {"ADMIN": server.admin_key})
+        assert capsys.readouterr().out.splitlines()[0] == expected

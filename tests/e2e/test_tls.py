@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apikeys_client import tls_credentials
+from apikeys_client import ApiKeysClient, tls_credentials
 from tests.certs import Authority, Certificates
 from tests.e2e.conftest import (
     ServerFactory,
@@ -95,6 +95,16 @@ class TestTls:
             answer = client.verify(created.secret, ["passes:read"], tenant_id="acme")
         assert answer.http_status == 200
         assert f"(port {tls_server.port}, TLS)" in tls_server.log()
+
+    def test_a_target_list_over_tls_checks_the_first_name(
+        self, tls_server: ServerProcess, certificates: Certificates
+    ) -> None:
+        """ "localhost:P,localhost:P" becomes an ipv4: target; TLS still checks the certificate
+        against the name given (the authority), which the test certificate holds."""
+        target = f"localhost:{tls_server.port},localhost:{tls_server.port}"
+        credentials = tls_credentials(certificates.ca)
+        with ApiKeysClient(target, tls_server.admin_key, credentials=credentials) as client:
+            assert client.list_scopes()
 
     def test_a_plaintext_client_is_refused(self, tls_server: ServerProcess) -> None:
         """No plaintext on a TLS port."""
