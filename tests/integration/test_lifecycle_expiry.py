@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from apikeys.v1 import api_key_pb2, key_manager_pb2, key_verifier_pb2
 from apikeys_client import InvalidArgument, Unauthenticated
 from apikeys_server.domain.key_format import digest
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import VerifyRecord
 from tests.support import FakeClock, RunningServer, running_server, server_settings
 
 VALID = key_verifier_pb2.VERIFY_CODE_VALID
@@ -94,7 +94,7 @@ class TestExpiredVerify:
             )
             assert client.verify(created.secret, ["passes:read"], tenant_id="acme").code == VALID
             cached = cached_server.app.services.cache.get(digest(created.secret))
-            assert isinstance(cached, KeyRecord)
+            assert isinstance(cached, VerifyRecord)
 
             clock.set(end - MICROSECOND)
             assert client.verify(created.secret, ["passes:read"], tenant_id="acme").code == VALID

@@ -10,7 +10,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from apikeys.v1 import api_key_pb2, key_manager_pb2, key_verifier_pb2
 from apikeys_client import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from apikeys_server.domain.key_format import digest
-from apikeys_server.domain.records import KeyRecord
+from apikeys_server.domain.records import VerifyRecord
 from tests.support import FakeClock, RunningServer, running_server, server_settings
 
 VALID = key_verifier_pb2.VERIFY_CODE_VALID
@@ -77,7 +77,7 @@ class TestScopes:
             )
             warm = client.verify(created.secret, ["passes:write"], tenant_id="acme")
             assert warm.code == VALID
-            assert isinstance(cache.get(digest(created.secret)), KeyRecord)
+            assert isinstance(cache.get(digest(created.secret)), VerifyRecord)
 
             client.update_key(created.key.id, tenant_id="acme", scopes=["passes:read"])
 
