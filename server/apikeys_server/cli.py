@@ -166,13 +166,20 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
+SIGNAL_CHECK_SECONDS = 0.2
+
+
 def _serve_until(app: App, stopping: threading.Event, ready: Callable[[], None]) -> None:
     app.start()
     # Start-up objects (grpc, SQLAlchemy, protobuf, alembic: ~85 000) leave the collector's
     # reach, so full collections stop walking them on the Verify path (~10 µs a call, bench).
     gc.freeze()
     ready()
-    stopping.wait()
+    # Never an untimed wait: a signal delivered to another thread (the follower, the watchdog,
+    # gRPC's) only sets a flag, and a main thread blocked on a lock without a timeout would not
+    # run the handler until something else woke it (seen under load: SIGTERM ignored for 20 s).
+    while not stopping.wait(SIGNAL_CHECK_SECONDS):
+        pass
     app.stop()
 
 

@@ -1,7 +1,11 @@
 """Stopping a real server process: signals, draining, flushing, and what stays on disk."""
 
+import ctypes
+import os
+import platform
 import signal
 import sqlite3
+import subprocess
 import threading
 import uuid
 from datetime import timedelta
@@ -44,7 +48,40 @@ def refused_by_shutdown(error: ApiKeysError) -> bool:
     return error.code == grpc.StatusCode.CANCELLED
 
 
+def _send_to_thread(pid: int, tid: int, sig: signal.Signals) -> None:
+    """tgkill(2): deliver ``sig`` to one thread of another process, as the kernel may."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234  # x86_64
+    if libc.syscall(sys_tgkill, pid, tid, int(sig)) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
 class TestSignals:
+    @pytest.mark.skipif(platform.machine() != "x86_64", reason="tgkill syscall number is x86_64's")
+    def test_a_signal_delivered_to_another_thread_still_stops_the_server(
+        self, server_factory: ServerFactory
+    ) -> None:
+        """The kernel may hand SIGTERM to any thread (the follower, the watchdog, gRPC's):
+        the main thread must still see it and drain (it once waited without a timeout)."""
+        server = server_factory()
+        pid = server.process.pid
+        others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        assert others
+        for tid in others:  # the first thread that does not block SIGTERM takes it
+            try:
+                _send_to_thread(pid, tid, signal.SIGTERM)
+                break
+            except OSError:
+                continue
+        try:
+            status = server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+            pytest.fail("SIGTERM delivered to a non-main thread was ignored for 10 s")
+        assert status == 0
+        assert "draining" in server.log()
+
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
     def test_signal_after_calls_exits_zero(
         self, server_factory: ServerFactory, sig: signal.Signals
