@@ -1,11 +1,12 @@
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from apikeys.v1 import key_verifier_pb2, key_verifier_pb2_grpc
 from apikeys_server.domain.errors import ResourceExhausted
 from apikeys_server.domain.ports import ChangeSource
+from apikeys_server.domain.verification import VerifyCode
 from apikeys_server.domain.verifier import Verifier
 from apikeys_server.domain.watch import watch_changes
 from apikeys_server.rpc import convert
@@ -14,9 +15,17 @@ from apikeys_server.rpc.metadata import caller_key
 
 
 class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
-    def __init__(self, verifier: Verifier, feed: ChangeSource, max_watches: int) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        feed: ChangeSource,
+        max_watches: int,
+        count: Callable[[VerifyCode], None] | None = None,
+    ) -> None:
         self._verifier = verifier
         self._feed = feed
+        # Each answer's code, for the metrics (apikeys_verify_total); None: not counted.
+        self._count = count
         # Each watch holds an RPC thread for as long as it runs: keep most for Verify.
         self._watch_slots = threading.BoundedSemaphore(max_watches)
 
@@ -30,6 +39,8 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
         result = self._verifier.verify(
             caller, request.key, request.tenant_id, request.required_scopes
         )
+        if self._count is not None:
+            self._count(result.code)
         return convert.verify_response(result, position)
 
     @stream_status_errors

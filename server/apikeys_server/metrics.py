@@ -1,0 +1,411 @@
+"""Prometheus metrics at ``http://HOST:PORT/metrics`` (``--metrics-listen``), prometheus-client.
+
+Two kinds of figures:
+
+* Per call, recorded where every handler is already wrapped (rpc/registration.py): a counter
+  and a latency histogram per method and status code, under the names gateways' dashboards
+  expect (go-grpc-prometheus: ``grpc_server_handled_total``, ``grpc_server_handling_seconds``),
+  and ``apikeys_verify_total{code}``. Label children are resolved once per (method, code), so
+  a call costs two clock reads, a dict lookup, one counter add and one histogram observe.
+* Everything else (cache hits, misses, evictions and sizes, database pool and errors, last-used
+  flush lag, change-feed lag) is counted by the code that does the work with plain integers or
+  is already known there, and read only when scraped (``ServiceCollector``): the Verify path
+  pays an integer add under a lock it already holds, not a metrics call.
+
+One process (the default) serves its own registry from a thread of prometheus-client's HTTP
+server, started and stopped with the App. With ``--processes N`` the parent serves: it sets up
+``PROMETHEUS_MULTIPROC_DIR`` in a new temporary directory before forking (``ParentExporter``),
+workers write their figures to files there (prometheus-client's multiprocess mode), and the
+parent merges them on each scrape; it marks each dead worker's files dead so its live gauges
+vanish (counters keep their totals, as Prometheus expects). A scrape therefore sees the whole
+service through one address, whichever worker the kernel gave a connection to. Scrape-time
+figures cannot reach the parent from a worker's memory, so each worker copies them into
+multiprocess metrics every ``SAMPLE_SECONDS`` (off the call path); with several processes they
+are that much older.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from apikeys_server.config import Settings
+from apikeys_server.domain.verification import VerifyCode
+from apikeys_server.storage.cache import KeyCache
+from apikeys_server.storage.database import Database
+from apikeys_server.storage.errors import FAILURES
+from apikeys_server.storage.follower import FeedFollower
+from apikeys_server.storage.last_used import LastUsedRecorder
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_VARIABLE: Final = "PROMETHEUS_MULTIPROC_DIR"
+# Cache hits take tens of microseconds: the default buckets (5 ms and up) would put every
+# Verify in the first one.
+LATENCY_BUCKETS: Final = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+SAMPLE_SECONDS: Final = 1.0
+
+Observe = Callable[[float, "grpc.StatusCode | None"], None]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_VARIABLE))
+
+
+# -- scrape-time figures --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One scrape-time metric: ``read`` answers (label values, value) pairs."""
+
+    name: str
+    help: str
+    kind: str  # "counter" or "gauge"
+    labels: tuple[str, ...]
+    read: Callable[[], Iterable[tuple[tuple[str, ...], float]]]
+    # How the parent merges a gauge of several workers (prometheus-client multiprocess_mode).
+    merge: Literal["livesum", "livemax", "livemin"] = "livesum"
+
+
+def figures(
+    cache: KeyCache,
+    database: Database,
+    last_used: LastUsedRecorder,
+    follower: FeedFollower | None,
+) -> list[Figure]:
+    def cache_counts() -> Iterator[tuple[tuple[str, ...], float]]:
+        stats = cache.stats()
+        yield ("positive",), stats.hits
+        yield ("negative",), stats.negative_hits
+
+    def pool() -> Iterator[tuple[tuple[str, ...], float]]:
+        for engine, name in ((database.read_engine, "read"), (database.write_engine, "write")):
+            checked_out = getattr(engine.pool, "checkedout", None)
+            if checked_out is not None:
+                yield (name,), float(checked_out())
+
+    made = [
+        Figure(
+            "apikeys_cache_hits",
+            "Verify lookups answered by the cache (negative: a known unknown key)",
+            "counter",
+            ("cache",),
+            cache_counts,
+        ),
+        Figure(
+            "apikeys_cache_misses",
+            "Verify lookups the cache could not answer (went to the database)",
+            "counter",
+            (),
+            lambda: [((), cache.stats().misses)],
+        ),
+        Figure(
+            "apikeys_cache_invalidations",
+            "Digests evicted because a key changed (here or through the change feed)",
+            "counter",
+            (),
+            lambda: [((), cache.stats().evictions)],
+        ),
+        Figure(
+            "apikeys_cache_evictions",
+            "Entries dropped to make room (least recently used)",
+            "counter",
+            ("cache",),
+            lambda: [
+                (("positive",), cache.stats().positive_dropped),
+                (("negative",), cache.stats().negative_dropped),
+            ],
+        ),
+        Figure(
+            "apikeys_cache_entries",
+            "Entries held (expired ones not yet dropped included)",
+            "gauge",
+            ("cache",),
+            lambda: [
+                (("positive",), cache.stats().positive_size),
+                (("negative",), cache.stats().negative_size),
+            ],
+        ),
+        Figure(
+            "apikeys_db_pool_in_use",
+            "Database connections checked out of the pool",
+            "gauge",
+            ("engine",),
+            pool,
+        ),
+        Figure(
+            "apikeys_db_errors",
+            "Database operations that failed (unreachable, timed out, refused)",
+            "counter",
+            (),
+            lambda: [((), FAILURES.count)],
+        ),
+        Figure(
+            "apikeys_last_used_flush_lag_seconds",
+            "Seconds since last-used times were last all written",
+            "gauge",
+            (),
+            lambda: [((), time.monotonic() - last_used.flushed_at)],
+            merge="livemax",
+        ),
+        Figure(
+            "apikeys_last_used_pending_keys",
+            "Keys whose last-used time waits for the next flush",
+            "gauge",
+            (),
+            lambda: [((), last_used.pending())],
+        ),
+    ]
+    if follower is not None:
+        made += [
+            Figure(
+                "apikeys_feed_position",
+                "Change-feed position this process has applied",
+                "gauge",
+                (),
+                lambda: [((), follower.position)],
+                merge="livemin",
+            ),
+            Figure(
+                "apikeys_feed_confirmed_age_seconds",
+                "Seconds since the change feed was last confirmed read to its end",
+                "gauge",
+                (),
+                lambda: [((), follower.confirmed_age())],
+                merge="livemax",
+            ),
+        ]
+    return made
+
+
+class ServiceCollector(Collector):
+    """The figures, computed when scraped (one process)."""
+
+    def __init__(self, made: list[Figure]) -> None:
+        self._figures = made
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for figure in self._figures:
+            family: Metric
+            if figure.kind == "counter":
+                family = CounterMetricFamily(figure.name, figure.help, labels=figure.labels)
+            else:
+                family = GaugeMetricFamily(figure.name, figure.help, labels=figure.labels)
+            for values, value in figure.read():
+                family.add_metric(list(values), value)
+            yield family
+
+
+class Sampler:
+    """A worker's figures copied into multiprocess metrics every ``SAMPLE_SECONDS``."""
+
+    def __init__(self, made: list[Figure], registry: CollectorRegistry) -> None:
+        self._figures = made
+        self._metrics: dict[str, Any] = {}
+        self._seen: dict[tuple[str, tuple[str, ...]], float] = {}
+        for figure in made:
+            if figure.kind == "counter":
+                self._metrics[figure.name] = Counter(
+                    figure.name, figure.help, figure.labels, registry=registry
+                )
+            else:
+                self._metrics[figure.name] = Gauge(
+                    figure.name,
+                    figure.help,
+                    figure.labels,
+                    registry=registry,
+                    multiprocess_mode=figure.merge,
+                )
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        for figure in self._figures:
+            metric = self._metrics[figure.name]
+            for values, value in figure.read():
+                child = metric.labels(*values) if values else metric
+                if figure.kind == "counter":
+                    before = self._seen.get((figure.name, values), 0.0)
+                    if value > before:
+                        child.inc(value - before)
+                    self._seen[(figure.name, values)] = value
+                else:
+                    child.set(value)
+
+    def start(self) -> None:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="metrics-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping.wait(SAMPLE_SECONDS):
+            try:
+                self.sample()
+            except Exception:
+                log.exception("metrics: sampling failed")
+
+
+# -- per-call figures -----------------------------------------------------------------------
+
+
+class Metrics:
+    """One App's metrics: the per-call instruments, the figures, and their exposition."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, whatever their status",
+            ("grpc_type", "grpc_service", "grpc_method", "grpc_code"),
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Time handlers took to complete the RPC (server side)",
+            ("grpc_type", "grpc_service", "grpc_method", "grpc_code"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        verified = Counter(
+            "apikeys_verify",
+            "Verify answers by code (VALID, NOT_FOUND, REVOKED...)",
+            ("code",),
+            registry=self.registry,
+        )
+        self.verify_counters = {code: verified.labels(code.name).inc for code in VerifyCode}
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._sampler: Sampler | None = None
+        self.port = 0
+
+    def observer(self, service: str, method: str, grpc_type: str) -> Observe:
+        """What the wrapper of one method calls once per call: (start, code or None for OK)."""
+        children: dict[grpc.StatusCode | None, tuple[Callable[[], None], Callable[[float], None]]]
+        children = {}
+        handled, latency, clock = self._handled, self._latency, time.perf_counter
+
+        def observe(started: float, code: grpc.StatusCode | None) -> None:
+            elapsed = clock() - started
+            pair = children.get(code)
+            if pair is None:
+                name = (code or grpc.StatusCode.OK).name
+                labels = (grpc_type, service, method, name)
+                pair = children[code] = (
+                    handled.labels(*labels).inc,
+                    latency.labels(*labels).observe,
+                )
+            pair[0]()
+            pair[1](elapsed)
+
+        return observe
+
+    def count_verify(self, code: VerifyCode) -> None:
+        self.verify_counters[code]()
+
+    def watch(self, made: list[Figure]) -> None:
+        """Registers the scrape-time figures (sampled instead with several processes)."""
+        if multiprocess():
+            self._sampler = Sampler(made, self.registry)
+        else:
+            self.registry.register(ServiceCollector(made))
+
+    def start(self) -> None:
+        if self._sampler is not None:
+            self._sampler.start()
+            return  # the parent serves (ParentExporter)
+        host, port = split_listen(self.settings.metrics_listen)
+        self._server, self._thread = start_http_server(port, host, self.registry)
+        self.port = int(self._server.server_port)
+        log.info("metrics at http://%s:%d/metrics", host, self.port)
+
+    def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler.sample()  # the last figures, before the worker exits
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+class ParentExporter:
+    """With ``--processes N``: the parent's /metrics, merging what the workers wrote."""
+
+    def __init__(self, listen: str) -> None:
+        # Before any worker is forked, and before prometheus-client picks its value class.
+        self.directory = tempfile.mkdtemp(prefix="apikeys-metrics-")
+        os.environ[MULTIPROC_VARIABLE] = self.directory
+        self._set_value_class()
+        from prometheus_client import multiprocess as mp
+
+        self._mp = mp
+        self.registry = CollectorRegistry(auto_describe=False)
+        mp.MultiProcessCollector(self.registry, path=self.directory)  # type: ignore[no-untyped-call]
+        host, port = split_listen(listen)
+        self._server, self._thread = start_http_server(port, host, self.registry)
+        log.info("metrics of every worker at http://%s:%d/metrics", host, port)
+
+    @staticmethod
+    def _set_value_class() -> None:
+        # prometheus-client chooses between in-memory and mmap-file values when imported;
+        # this module imported it before the variable was set.
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+    def worker_exited(self, pid: int) -> None:
+        """Its live gauges disappear; its counters and histograms still count."""
+        self._mp.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        shutil.rmtree(self.directory, ignore_errors=True)
