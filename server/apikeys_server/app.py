@@ -19,6 +19,7 @@ from apikeys_server.domain.manager import KeyManager
 from apikeys_server.domain.ports import ChangeSource
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.verifier import Verifier
+from apikeys_server.logs import REFUSED_CALLERS
 from apikeys_server.rpc import ext_authz
 from apikeys_server.rpc.key_manager import KeyManagerServicer
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
@@ -262,6 +263,7 @@ class App:
         if self.metrics is not None:
             self.metrics.stop()
         self.services.close()
+        REFUSED_CALLERS.flush()
         log.info("apikeys server stopped")
 
     def _set_health(self, serving: bool) -> None:
