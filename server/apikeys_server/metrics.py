@@ -25,22 +25,30 @@ are that much older.
 """
 
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from apikeys.v1 import key_verifier_pb2
 from apikeys_server.config import Settings
-from apikeys_server.domain.verification import VerifyCode
 from apikeys_server.storage.cache import KeyCache
 from apikeys_server.storage.database import Database
 from apikeys_server.storage.errors import FAILURES
@@ -291,39 +299,103 @@ class Sampler:
 # -- per-call figures -----------------------------------------------------------------------
 
 
-class Metrics:
-    """One App's metrics: the per-call instruments, the figures, and their exposition."""
+# VerifyResponse.code -> the label: VALID, NOT_FOUND, REVOKED... (the prefix dropped)
+VERIFY_CODES: Final[dict[int, str]] = {
+    int(number): name.removeprefix("VERIFY_CODE_")
+    for name, number in key_verifier_pb2.VerifyCode.items()
+}
+CallLabels = tuple[str, str, str, str]  # grpc_type, grpc_service, grpc_method, grpc_code
+CALL_LABELS: Final = ("grpc_type", "grpc_service", "grpc_method", "grpc_code")
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.registry = CollectorRegistry(auto_describe=False)
-        self._handled = Counter(
-            "grpc_server_handled",
-            "RPCs completed on the server, whatever their status",
-            ("grpc_type", "grpc_service", "grpc_method", "grpc_code"),
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "grpc_server_handling_seconds",
-            "Time handlers took to complete the RPC (server side)",
-            ("grpc_type", "grpc_service", "grpc_method", "grpc_code"),
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        verified = Counter(
-            "apikeys_verify",
-            "Verify answers by code (VALID, NOT_FOUND, REVOKED...)",
-            ("code",),
-            registry=self.registry,
-        )
-        self.verify_counters = {code: verified.labels(code.name).inc for code in VerifyCode}
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._sampler: Sampler | None = None
-        self.port = 0
+
+class CallTable(Collector):
+    """Per-call figures of one process as plain numbers: per (method, code) a count, a sum and
+    bucket counts, each call adding to them under one lock; exposed as counter and histogram
+    families when scraped. prometheus-client's Counter.inc and Histogram.observe take a lock
+    each per value (three per call) and a Python loop over the buckets: measured ~6 µs a call
+    on the development machine, against ~1 µs here (bisect in C, one lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # labels -> [count, sum of seconds, per-bucket counts (the last one: +Inf)]
+        self._rows: dict[CallLabels, list[Any]] = {}
+        # VerifyResponse.code (an int: hashing a Python Enum member costs ~0.3 µs) -> count
+        self._verified = dict.fromkeys(VERIFY_CODES, 0)
+
+    def row(self, labels: CallLabels) -> list[Any]:
+        with self._lock:
+            return self._rows.setdefault(labels, [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)])
 
     def observer(self, service: str, method: str, grpc_type: str) -> Observe:
-        """What the wrapper of one method calls once per call: (start, code or None for OK)."""
+        rows: dict[grpc.StatusCode | None, list[Any]] = {}
+        lock, clock, bounds = self._lock, time.perf_counter, LATENCY_BUCKETS
+
+        def observe(started: float, code: grpc.StatusCode | None) -> None:
+            elapsed = clock() - started
+            row = rows.get(code)
+            if row is None:
+                name = (code or grpc.StatusCode.OK).name
+                row = rows[code] = self.row((grpc_type, service, method, name))
+            index = bisect_left(bounds, elapsed)  # the first bucket whose bound is >= elapsed
+            with lock:
+                row[0] += 1
+                row[1] += elapsed
+                row[2][index] += 1
+
+        return observe
+
+    def count_verify(self, code: int) -> None:
+        with self._lock:
+            self._verified[code] += 1
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            rows = [(labels, row[0], row[1], list(row[2])) for labels, row in self._rows.items()]
+            verified = dict(self._verified)
+        handled = CounterMetricFamily("grpc_server_handled", HANDLED_HELP, labels=CALL_LABELS)
+        latency = HistogramMetricFamily(
+            "grpc_server_handling_seconds", LATENCY_HELP, labels=CALL_LABELS
+        )
+        for labels, count, total, buckets in rows:
+            handled.add_metric(list(labels), count)
+            cumulative, running = [], 0
+            for bound, bucket in zip((*LATENCY_BUCKETS, math.inf), buckets, strict=True):
+                running += bucket
+                cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+            latency.add_metric(list(labels), cumulative, total)
+        yield handled
+        yield latency
+        answers = CounterMetricFamily("apikeys_verify", VERIFY_HELP, labels=("code",))
+        for code, count in verified.items():
+            answers.add_metric([VERIFY_CODES[code]], count)
+        yield answers
+
+
+HANDLED_HELP: Final = "RPCs completed on the server, whatever their status"
+LATENCY_HELP: Final = "Time handlers took to complete the RPC (server side)"
+VERIFY_HELP: Final = "Verify answers by code (VALID, NOT_FOUND, REVOKED...)"
+
+
+class SharedCalls:
+    """Per-call figures in prometheus-client's multiprocess files (several processes): the
+    library's own Counter and Histogram, label children resolved once per (method, code)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._handled = Counter("grpc_server_handled", HANDLED_HELP, CALL_LABELS, registry=registry)
+        self._latency = Histogram(
+            "grpc_server_handling_seconds",
+            LATENCY_HELP,
+            CALL_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        verified = Counter("apikeys_verify", VERIFY_HELP, ("code",), registry=registry)
+        self._verified = {code: verified.labels(name).inc for code, name in VERIFY_CODES.items()}
+
+    def observer(self, service: str, method: str, grpc_type: str) -> Observe:
         children: dict[grpc.StatusCode | None, tuple[Callable[[], None], Callable[[float], None]]]
         children = {}
         handled, latency, clock = self._handled, self._latency, time.perf_counter
@@ -332,8 +404,7 @@ class Metrics:
             elapsed = clock() - started
             pair = children.get(code)
             if pair is None:
-                name = (code or grpc.StatusCode.OK).name
-                labels = (grpc_type, service, method, name)
+                labels = (grpc_type, service, method, (code or grpc.StatusCode.OK).name)
                 pair = children[code] = (
                     handled.labels(*labels).inc,
                     latency.labels(*labels).observe,
@@ -343,8 +414,28 @@ class Metrics:
 
         return observe
 
-    def count_verify(self, code: VerifyCode) -> None:
-        self.verify_counters[code]()
+    def count_verify(self, code: int) -> None:
+        self._verified[code]()
+
+
+class Metrics:
+    """One App's metrics: the per-call instruments, the figures, and their exposition."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.calls: CallTable | SharedCalls
+        if multiprocess():
+            self.calls = SharedCalls(self.registry)
+        else:
+            self.calls = CallTable()
+            self.registry.register(self.calls)
+        self.observer = self.calls.observer
+        self.count_verify = self.calls.count_verify
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._sampler: Sampler | None = None
+        self.port = 0
 
     def watch(self, made: list[Figure]) -> None:
         """Registers the scrape-time figures (sampled instead with several processes)."""

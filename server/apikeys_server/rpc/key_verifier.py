@@ -6,7 +6,6 @@ import grpc
 from apikeys.v1 import key_verifier_pb2, key_verifier_pb2_grpc
 from apikeys_server.domain.errors import ResourceExhausted
 from apikeys_server.domain.ports import ChangeSource
-from apikeys_server.domain.verification import VerifyCode
 from apikeys_server.domain.verifier import Verifier
 from apikeys_server.domain.watch import watch_changes
 from apikeys_server.rpc import convert
@@ -20,7 +19,7 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
         verifier: Verifier,
         feed: ChangeSource,
         max_watches: int,
-        count: Callable[[VerifyCode], None] | None = None,
+        count: Callable[[int], None] | None = None,
     ) -> None:
         self._verifier = verifier
         self._feed = feed
@@ -39,9 +38,10 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
         result = self._verifier.verify(
             caller, request.key, request.tenant_id, request.required_scopes
         )
+        response = convert.verify_response(result, position)
         if self._count is not None:
-            self._count(result.code)
-        return convert.verify_response(result, position)
+            self._count(response.code)
+        return response
 
     @stream_status_errors
     def WatchKeyChanges(
