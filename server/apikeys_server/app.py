@@ -24,7 +24,7 @@ from apikeys_server.rpc import ext_authz
 from apikeys_server.rpc.key_manager import KeyManagerServicer
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
-from apikeys_server.rpc.registration import add_servicer
+from apikeys_server.rpc.registration import add_servicer, observed
 from apikeys_server.storage import migrate
 from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
 from apikeys_server.storage.database import Database, DatabaseTimeouts, open_database
@@ -211,14 +211,16 @@ class App:
             ),
             self.metrics,
         )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            ext_authz.ExtAuthzServicer(
-                self.services.verifier,
-                settings.ext_authz_key_header,
-                settings.ext_authz_keep_key_header,
-            ),
-            self.server,
+        authz = ext_authz.ExtAuthzServicer(
+            self.services.verifier,
+            settings.ext_authz_key_header,
+            settings.ext_authz_keep_key_header,
         )
+        if self.metrics is not None:
+            # Registered by its generated code (not add_servicer): observed here instead.
+            observe = self.metrics.observer(ext_authz.SERVICE_NAME, "Check", "unary")
+            setattr(authz, "Check", observed(authz.Check, observe, streaming=False))  # noqa: B010
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         try:

@@ -2,7 +2,9 @@
 
 import urllib.request
 
+import grpc
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from apikeys.v1 import key_verifier_pb2
@@ -58,6 +60,12 @@ def test_counters_move_after_calls(metered: RunningServer) -> None:
     stranger = ApiKeysClient(metered.target, "ak_" + "B" * 38, timeout=10)
     with stranger, pytest.raises(Unauthenticated):
         stranger.verify(created.secret, [], tenant_id="acme")
+    with metered.channel() as channel:
+        authz = external_auth_pb2_grpc.AuthorizationStub(channel)
+        caller = (("x-api-key", metered.admin_key),)
+        # A platform caller and a route without a tenant: a misconfiguration, INVALID_ARGUMENT.
+        with pytest.raises(grpc.RpcError):
+            authz.Check(external_auth_pb2.CheckRequest(), metadata=caller, timeout=10)
     after = scrape(port)
 
     assert handled(after, "Verify", "OK") - handled(before, "Verify", "OK") == 4
@@ -66,6 +74,18 @@ def test_counters_move_after_calls(metered: RunningServer) -> None:
         == 1
     )
     assert handled(after, "CreateKey", "OK", "KeyManager") == 1
+    check = ("grpc_server_handled_total", "envoy.service.auth.v3.Authorization", "Check")
+    assert (
+        value(
+            after,
+            check[0],
+            grpc_type="unary",
+            grpc_service=check[1],
+            grpc_method=check[2],
+            grpc_code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
     latency = value(
         after,
         "grpc_server_handling_seconds_count",
