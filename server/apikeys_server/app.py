@@ -5,6 +5,7 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -18,11 +19,12 @@ from apikeys_server.domain.manager import KeyManager
 from apikeys_server.domain.ports import ChangeSource
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.verifier import Verifier
+from apikeys_server.logs import REFUSED_CALLERS
 from apikeys_server.rpc import ext_authz
 from apikeys_server.rpc.key_manager import KeyManagerServicer
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
-from apikeys_server.rpc.registration import add_servicer
+from apikeys_server.rpc.registration import add_servicer, observed
 from apikeys_server.storage import migrate
 from apikeys_server.storage.cache import CachedKeyLookup, KeyCache
 from apikeys_server.storage.database import Database, DatabaseTimeouts, open_database
@@ -32,6 +34,9 @@ from apikeys_server.storage.last_used import LastUsedRecorder
 from apikeys_server.storage.listener import FeedListener, conninfo
 from apikeys_server.storage.repository import SqlKeyStore
 from apikeys_server.tls import ReloadingCertificates, TlsFiles
+
+if TYPE_CHECKING:
+    from apikeys_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -186,28 +191,36 @@ class App:
         self.clock = clock or SystemClock()
         self.health = health.HealthServicer()
         self.services = build_services(settings, self.clock, self._set_health)
+        self.metrics = _metrics(settings, self.services)
         self.server = make_grpc_server(settings)
         # Not the generated add_*_to_server: undecodable requests answer INVALID_ARGUMENT.
         add_servicer(
             self.server,
             KEY_MANAGER,
             KeyManagerServicer(self.services.manager, self.services.verifier, self.clock),
+            self.metrics,
         )
         add_servicer(
             self.server,
             KEY_VERIFIER,
             KeyVerifierServicer(
-                self.services.verifier, self.services.changes, max(1, settings.workers // 2)
-            ),
-        )
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-            ext_authz.ExtAuthzServicer(
                 self.services.verifier,
-                settings.ext_authz_key_header,
-                settings.ext_authz_keep_key_header,
+                self.services.changes,
+                max(1, settings.workers // 2),
+                self.metrics.count_verify if self.metrics is not None else None,
             ),
-            self.server,
+            self.metrics,
         )
+        authz = ext_authz.ExtAuthzServicer(
+            self.services.verifier,
+            settings.ext_authz_key_header,
+            settings.ext_authz_keep_key_header,
+        )
+        if self.metrics is not None:
+            # Registered by its generated code (not add_servicer): observed here instead.
+            observe = self.metrics.observer(ext_authz.SERVICE_NAME, "Check", "unary")
+            setattr(authz, "Check", observed(authz.Check, observe, streaming=False))  # noqa: B010
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         try:
@@ -230,6 +243,8 @@ class App:
 
     def start(self) -> None:
         self.services.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.server.start()
         follower = self.services.follower
         self._set_health(follower.serving if follower is not None else True)
@@ -247,7 +262,10 @@ class App:
         self.health.enter_graceful_shutdown()
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.services.close()
+        REFUSED_CALLERS.flush()
         log.info("apikeys server stopped")
 
     def _set_health(self, serving: bool) -> None:
@@ -259,6 +277,20 @@ class App:
         )
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, status)
+
+
+def _metrics(settings: Settings, services: Services) -> "Metrics | None":
+    """The App's metrics when ``--metrics-listen`` is set (imported only then: with several
+    processes the parent must set prometheus-client's directory up before it is first used)."""
+    if not settings.metrics_listen:
+        return None
+    from apikeys_server import metrics
+
+    made = metrics.Metrics(settings)
+    made.watch(
+        metrics.figures(services.cache, services.database, services.last_used, services.follower)
+    )
+    return made
 
 
 def _transport(settings: Settings) -> str:

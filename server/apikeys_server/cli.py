@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from apikeys_server import logs
 from apikeys_server.app import App, build_services, create_server, upgrade_schema
 from apikeys_server.config import Settings, describe, is_loopback, parse, rule_of
 from apikeys_server.domain import scopes
@@ -103,11 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"apikeys-server: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings)
     try:
         if args.command == "serve":
             return _serve(settings)
@@ -201,7 +198,19 @@ def _serve_processes(settings: Settings) -> int:
             return 1
         return 0
 
-    return Supervisor(settings.processes, work, settings.shutdown_grace_seconds).run()
+    if not settings.metrics_listen:
+        return Supervisor(settings.processes, work, settings.shutdown_grace_seconds).run()
+    # The parent serves /metrics for every worker (metrics.py): set up before the first fork.
+    from apikeys_server.metrics import ParentExporter
+
+    exporter = ParentExporter(settings.metrics_listen)
+    try:
+        supervisor = Supervisor(
+            settings.processes, work, settings.shutdown_grace_seconds, exporter.worker_exited
+        )
+        return supervisor.run()
+    finally:
+        exporter.close()
 
 
 def _migrate(settings: Settings) -> int:

@@ -21,6 +21,7 @@ DAY = 86_400
 BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
 BOOLEANS |= {"yes": True, "no": False, "on": True, "off": False}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 LOOPBACK_NAMES = ("localhost",)
 
 _T = TypeVar("_T")
@@ -177,6 +178,17 @@ class Settings:
     )
     migrate_on_start: bool = setting(True, help="serve migrates the schema first", **_BOOLEAN)
     log_level: str = setting("INFO", help="log level", choices=LOG_LEVELS)
+    log_format: str = setting(
+        "text", flag="--log-format", help="log lines: text or JSON objects", choices=LOG_FORMATS
+    )
+    # Prometheus text at http://HOST:PORT/metrics (metrics.py); empty: no metrics endpoint.
+    metrics_listen: str = setting(
+        "",
+        flag="--metrics-listen",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (empty: off)",
+        shape=lambda value: value == "" or _host_port(value) is not None,
+        shape_text="HOST:PORT with a port 0..65535, or empty",
+    )
     # Bounds on each database operation, so a lost or silent database answers UNAVAILABLE
     # quickly instead of holding calls (and shutdown) for minutes. See storage/database.py.
     # Zero would mean no bound at all in libpq.
@@ -309,6 +321,11 @@ def _check_together(settings: Settings) -> None:
         raise SettingsConflict(
             f"--listen {settings.listen} needs --processes 1: with port 0 each of the "
             f"{settings.processes} processes would listen on a different port"
+        )
+    if settings.processes > 1 and settings.metrics_listen.rsplit(":", 1)[-1] == "0":
+        raise SettingsConflict(
+            f"--metrics-listen {settings.metrics_listen} needs a fixed port with --processes "
+            f"{settings.processes}: scrapers must find the endpoint"
         )
     if settings.feed_poll_seconds >= settings.max_staleness_seconds:
         raise SettingsConflict(

@@ -90,8 +90,16 @@ def _drain_when_orphaned(parent: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, count: int, work: WorkerFunction, grace_seconds: float) -> None:
+    def __init__(
+        self,
+        count: int,
+        work: WorkerFunction,
+        grace_seconds: float,
+        on_exit: Callable[[int], None] = lambda pid: None,
+    ) -> None:
         self._slots = [_Slot(number) for number in range(1, count + 1)]
+        # Told each worker pid that exited (the metrics mark its figures dead).
+        self._on_exit = on_exit
         self._work = work
         self._grace = grace_seconds
         self._stop_signal: int | None = None
@@ -212,6 +220,7 @@ class Supervisor:
             while slot.pipe >= 0:  # its last words, e.g. why it could not start
                 self._read_report(slot)
             slot.pid = 0
+            self._on_exit(pid)
             exited.append((pid, slot, status))
             if not stopping:
                 self._after_death(slot, pid, status)
@@ -268,6 +277,7 @@ class Supervisor:
             )
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            self._on_exit(pid)
             slot.pid = 0
             clean = False
         for slot in self._slots:

@@ -312,3 +312,18 @@ class TestCachedKeyLookup:
             assert lookup.find_by_digest(digest_of(1)) == record(1)
             assert lookup.find_by_digest(digest_of(2)) is None
         assert source.calls == 6
+
+
+def test_stats_count_hits_misses_and_evictions() -> None:
+    """What the metrics read at scrape time (storage/cache.py KeyCache.stats)."""
+    from apikeys_server.storage.cache import KeyCache as Cache
+
+    cache = Cache(1, 60.0, 10, 60.0)
+    assert cache.get(b"a") is not None  # MISS
+    cache.put(b"a", None, cache.generation)
+    assert cache.get(b"a") is None  # a negative hit
+    stats = cache.stats()
+    assert (stats.misses, stats.negative_hits, stats.hits, stats.negative_size) == (1, 1, 0, 1)
+    cache.evict(b"a")
+    assert cache.stats().evictions == 1
+    assert cache.stats().negative_size == 0

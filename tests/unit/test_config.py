@@ -32,6 +32,8 @@ STRING_SAMPLES = {
     "log_level": "debug",
     "max_staleness_seconds": "20",  # its low end would be below the feed poll
     "ext_authz_key_header": "x-gateway-key",
+    "log_format": "json",
+    "metrics_listen": "127.0.0.1:9464",
 }
 
 
@@ -379,3 +381,18 @@ class TestLoopback:
     def test_which_addresses_are_local(self, listen: str, loopback: bool) -> None:
         """Plaintext is only quiet on addresses other hosts cannot reach."""
         assert is_loopback(listen) is loopback
+
+
+class TestObservability:
+    def test_metrics_listen_needs_host_and_port(self) -> None:
+        with pytest.raises(ValueError, match="APIKEYS_METRICS_LISTEN"):
+            Settings.from_env({"APIKEYS_METRICS_LISTEN": "9464"})
+
+    def test_metrics_port_zero_needs_one_process(self) -> None:
+        with pytest.raises(ValueError, match="fixed port"):
+            Settings.from_env({"APIKEYS_METRICS_LISTEN": "127.0.0.1:0", "APIKEYS_PROCESSES": "2"})
+
+    def test_log_format_is_text_or_json(self) -> None:
+        assert Settings.from_env({"APIKEYS_LOG_FORMAT": "json"}).log_format == "json"
+        with pytest.raises(ValueError, match="APIKEYS_LOG_FORMAT"):
+            Settings.from_env({"APIKEYS_LOG_FORMAT": "xml"})

@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from apikeys_server.domain import errors
+from apikeys_server.logs import REFUSED_CALLERS
 from apikeys_server.rpc.registration import Undecodable
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def _abort_for(
     error: Exception, handler: Callable[..., object], context: grpc.ServicerContext
 ) -> NoReturn:
     if isinstance(error, errors.DomainError):
+        if isinstance(error, errors.Unauthenticated | errors.PermissionDenied):
+            # Logged here, once for every handler; rate-limited against floods (logs.py).
+            REFUSED_CALLERS.refused(handler.__name__, status_code(error).name, error.reason)
         _abort(context, domain_status(error))
     log.error("unexpected error in %s", handler.__name__, exc_info=error)
     _abort(context, rich_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, INTERNAL_REASON))

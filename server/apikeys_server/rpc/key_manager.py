@@ -4,6 +4,7 @@ from apikeys.v1 import api_key_pb2, key_manager_pb2, key_manager_pb2_grpc
 from apikeys_server.domain.clock import Clock
 from apikeys_server.domain.manager import KeyManager
 from apikeys_server.domain.verifier import Verifier
+from apikeys_server.logs import audit
 from apikeys_server.rpc import convert
 from apikeys_server.rpc.errors import status_errors
 from apikeys_server.rpc.metadata import caller_key
@@ -31,6 +32,7 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
             expire_time,
             request_id=request.request_id,
         )
+        audit("created", caller.key_id, issued.key.tenant_id, issued.key.id)
         return key_manager_pb2.CreateKeyResponse(
             key=convert.api_key(issued.key, self._clock.now()), secret=issued.secret
         )
@@ -75,6 +77,13 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
             list(request.scopes),
             list(request.update_mask.paths),
         )
+        audit(
+            "updated",
+            caller.key_id,
+            key.tenant_id,
+            key.id,
+            fields=",".join(request.update_mask.paths),
+        )
         return convert.api_key(key, self._clock.now())
 
     @status_errors
@@ -86,6 +95,8 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
         rotation = self._manager.rotate(
             caller, request.tenant_id, request.key_id, overlap, request_id=request.request_id
         )
+        issued = rotation.issued.key
+        audit("rotated", caller.key_id, issued.tenant_id, issued.id, previous=rotation.previous.id)
         now = self._clock.now()
         return key_manager_pb2.RotateKeyResponse(
             key=convert.api_key(rotation.issued.key, now),
@@ -99,6 +110,7 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
     ) -> api_key_pb2.ApiKey:
         caller = self._verifier.authenticate(caller_key(context))
         key = self._manager.revoke(caller, request.tenant_id, request.key_id, request.reason)
+        audit("revoked", caller.key_id, key.tenant_id, key.id)
         return convert.api_key(key, self._clock.now())
 
     @status_errors

@@ -1,5 +1,5 @@
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -14,9 +14,17 @@ from apikeys_server.rpc.metadata import caller_key
 
 
 class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
-    def __init__(self, verifier: Verifier, feed: ChangeSource, max_watches: int) -> None:
+    def __init__(
+        self,
+        verifier: Verifier,
+        feed: ChangeSource,
+        max_watches: int,
+        count: Callable[[int], None] | None = None,
+    ) -> None:
         self._verifier = verifier
         self._feed = feed
+        # Each answer's code, for the metrics (apikeys_verify_total); None: not counted.
+        self._count = count
         # Each watch holds an RPC thread for as long as it runs: keep most for Verify.
         self._watch_slots = threading.BoundedSemaphore(max_watches)
 
@@ -30,7 +38,10 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
         result = self._verifier.verify(
             caller, request.key, request.tenant_id, request.required_scopes
         )
-        return convert.verify_response(result, position)
+        response = convert.verify_response(result, position)
+        if self._count is not None:
+            self._count(response.code)
+        return response
 
     @stream_status_errors
     def WatchKeyChanges(

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from cachetools import LRUCache
@@ -29,6 +30,18 @@ MISS: Final = _Miss()
 V = TypeVar("V")
 
 
+class _CountingLru(LRUCache[bytes, V]):
+    """An LRUCache that counts the entries it drops to make room (read by the metrics)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.dropped = 0
+
+    def popitem(self) -> tuple[bytes, V]:
+        self.dropped += 1
+        return super().popitem()
+
+
 class _TtlLru(Generic[V]):
     """A ``cachetools.LRUCache`` whose entries also expire ``ttl`` seconds after being stored.
 
@@ -43,7 +56,7 @@ class _TtlLru(Generic[V]):
     __slots__ = ("_entries", "_timer", "_ttl")
 
     def __init__(self, maxsize: int, ttl: float, timer: Callable[[], float]) -> None:
-        self._entries: LRUCache[bytes, V] = LRUCache(maxsize)
+        self._entries: _CountingLru[V] = _CountingLru(maxsize)
         self._ttl = ttl
         self._timer = timer
 
@@ -56,6 +69,10 @@ class _TtlLru(Generic[V]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def stored(self) -> tuple[int, int]:
+        """(entries held, expired ones included; entries dropped to make room): O(1)."""
+        return len(self._entries), self._entries.dropped
 
     def __len__(self) -> int:
         """Live entries only."""
@@ -109,6 +126,18 @@ class _Absences(_TtlLru[float]):
         self._entries[key] = self._timer() + self._ttl
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    negative_hits: int
+    misses: int
+    evictions: int  # invalidations: changes evicted (evict), all entries of the digest
+    positive_size: int
+    negative_size: int
+    positive_dropped: int  # capacity evictions (least recently used, to make room)
+    negative_dropped: int
+
+
 class KeyCache:
     """Both caches under one lock, trusted only while the change feed vouches for them.
 
@@ -135,6 +164,12 @@ class KeyCache:
         self._generation = 0
         self._timer = timer
         self._trusted_until = math.inf
+        # Plain counts, under the lock already held: read by metrics.py at scrape time, so the
+        # Verify path pays an integer add, not a metrics library call.
+        self.hits = 0
+        self.negative_hits = 0
+        self.misses = 0
+        self.evictions = 0
 
     def trust_until(self, deadline: float) -> None:
         """Entries may be served until ``deadline`` (on this cache's timer), no longer."""
@@ -146,15 +181,17 @@ class KeyCache:
 
     def get(self, digest: bytes) -> VerifyRecord | _Miss | None:
         now = self._timer()
-        if now > self._trusted_until:
-            return MISS
         with self._lock:
-            if self._positive is not None:
-                record = self._positive.get(digest, now)
-                if record is not MISS:
-                    return record
-            if self._negative is not None and self._negative.holds(digest, now):
-                return None
+            if now <= self._trusted_until:
+                if self._positive is not None:
+                    record = self._positive.get(digest, now)
+                    if record is not MISS:
+                        self.hits += 1
+                        return record
+                if self._negative is not None and self._negative.holds(digest, now):
+                    self.negative_hits += 1
+                    return None
+            self.misses += 1
         return MISS
 
     def put(self, digest: bytes, record: VerifyRecord | None, generation: int) -> None:
@@ -171,6 +208,7 @@ class KeyCache:
     def evict(self, digest: bytes) -> None:
         with self._lock:
             self._generation += 1
+            self.evictions += 1
             if self._positive is not None:
                 self._positive.pop(digest)
             if self._negative is not None:
@@ -183,6 +221,23 @@ class KeyCache:
                 self._positive.clear()
             if self._negative is not None:
                 self._negative.clear()
+
+    def stats(self) -> "CacheStats":
+        """Counts and sizes for the metrics, O(1) (sizes include expired entries not yet
+        dropped): taken at scrape time, never on the Verify path."""
+        with self._lock:
+            positive = self._positive.stored() if self._positive is not None else (0, 0)
+            negative = self._negative.stored() if self._negative is not None else (0, 0)
+            return CacheStats(
+                self.hits,
+                self.negative_hits,
+                self.misses,
+                self.evictions,
+                positive[0],
+                negative[0],
+                positive[1],
+                negative[1],
+            )
 
     def sizes(self) -> tuple[int, int]:
         """(positive, negative) entry counts."""

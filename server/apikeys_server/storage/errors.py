@@ -9,6 +9,16 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from apikeys_server.domain.errors import Aborted, Unavailable
 
 
+class _Failures:
+    """Database operations that failed (conflicts apart), counted for the metrics. One count
+    per process: every Database of it reports through here."""
+
+    count = 0
+
+
+FAILURES = _Failures()
+
+
 @contextmanager
 def database_errors() -> Iterator[None]:
     """A conflict with a concurrent change is ABORTED (AIP-193: retrying the whole call may
@@ -20,6 +30,7 @@ def database_errors() -> Iterator[None]:
             "the change conflicts with a concurrent one; retry", reason="CONFLICT"
         ) from error
     except (OperationalError, DBAPIError, PoolTimeout) as error:
+        FAILURES.count += 1
         raise Unavailable(
             "the key database is unavailable; retry later", reason="DATABASE_UNAVAILABLE"
         ) from error

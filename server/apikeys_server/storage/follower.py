@@ -252,6 +252,10 @@ class FeedFollower:
     def serving(self) -> bool:
         return self._serving
 
+    def confirmed_age(self) -> float:
+        """Seconds since the last read that reached the end of the feed (inf: none yet)."""
+        return self._timer() - self._confirmed_at
+
     def _prune_when_due(self) -> None:
         now = self._timer()
         if now < self._next_prune:

@@ -6,6 +6,7 @@ every ``interval`` seconds (and on stop) with one batched UPDATE that never move
 
 import logging
 import threading
+import time
 from datetime import datetime
 
 from apikeys_server.domain.errors import Unavailable
@@ -23,6 +24,13 @@ class LastUsedRecorder:
         self._stopping = threading.Event()
         self._failed_while_stopping = False
         self._thread: threading.Thread | None = None
+        # When the gathered times were last all written (monotonic): the flush lag's origin.
+        self.flushed_at = time.monotonic()
+
+    def pending(self) -> int:
+        """Keys whose last-used time is gathered but not yet written."""
+        with self._lock:
+            return len(self._pending)
 
     def record(self, key_id: str, when: datetime) -> None:
         # Concurrent verifies may arrive out of order: keep the latest, never move back.
@@ -54,9 +62,11 @@ class LastUsedRecorder:
 
     def flush(self) -> int:
         """Writes what was gathered; on failure keeps it for the next try. Returns keys written."""
+        started = time.monotonic()
         with self._lock:
             batch, self._pending = self._pending, {}
         if not batch:
+            self.flushed_at = started
             return 0
         try:
             self._store.touch_last_used(batch)
@@ -69,6 +79,7 @@ class LastUsedRecorder:
                     if newer is None or newer < when:
                         self._pending[key_id] = when
             return 0
+        self.flushed_at = started
         return len(batch)
 
     def _run(self) -> None:
