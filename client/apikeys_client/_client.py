@@ -220,6 +220,17 @@ class ApiKeysClient:
             if not token:
                 return
 
+    def revoke_leaked_keys(
+        self, secrets: Iterable[str], *, source: str = "", url: str = ""
+    ) -> list[key_manager_pb2.LeakedKeyResult]:
+        """Revokes the keys of leaked ``secrets`` (at most 1000) and records ``source`` and
+        ``url``; one result per secret, in order: its hint and REVOKED, ALREADY_REVOKED,
+        NOT_FOUND (or another tenant's) or MALFORMED."""
+        request = key_manager_pb2.RevokeLeakedKeysRequest(
+            secrets=list(secrets), source=source, url=url
+        )
+        return list(self._call(self._manager.RevokeLeakedKeys, request).results)
+
 
 def _request_id(given: str | None) -> str:
     """A fresh UUID unless the caller chose an id (or ``""``: none)."""

@@ -17,6 +17,7 @@ class EventAction(enum.Enum):
     UPDATED = "updated"
     ROTATED = "rotated"
     REVOKED = "revoked"
+    LEAKED = "leaked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,9 @@ class KeyRecord:
     last_used_time: datetime | None = None
     replaced_by: str | None = None
     rotated_from: str | None = None
+    leak_time: datetime | None = None
+    leak_source: str = ""
+    leak_url: str = ""
 
     def state(self, now: datetime) -> KeyState:
         return key_state(self.revoke_time is not None, self.expire_time, now)

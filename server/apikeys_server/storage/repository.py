@@ -56,6 +56,9 @@ _KEY_COLUMNS = (
     api_keys.c.last_used_time,
     api_keys.c.replaced_by,
     api_keys.c.rotated_from,
+    api_keys.c.leak_time,
+    api_keys.c.leak_source,
+    api_keys.c.leak_url,
 )
 _SELECT_KEYS = select(*_KEY_COLUMNS)
 # What Verify reads (VerifyRecord): the digest is the one looked up; revoke_time only as a flag.
@@ -68,6 +71,7 @@ _VERIFY_COLUMNS = (
     api_keys.c.revoke_time,
 )
 _BY_DIGEST = select(*_VERIFY_COLUMNS).where(api_keys.c.digest == bindparam("digest"))
+_BY_DIGEST_FULL = _SELECT_KEYS.where(api_keys.c.digest == bindparam("digest"))
 _BY_ID = _SELECT_KEYS.where(
     api_keys.c.tenant_id == bindparam("tenant_id"), api_keys.c.id == bindparam("key_id")
 )
@@ -125,6 +129,9 @@ def _to_record(row: Sequence[Any], scopes: frozenset[str] | None = None) -> KeyR
         last_used_time=row[10],
         replaced_by=row[11],
         rotated_from=row[12],
+        leak_time=row[13],
+        leak_source=row[14],
+        leak_url=row[15],
     )
 
 
@@ -205,6 +212,9 @@ def key_row(key: KeyRecord) -> dict[str, Any]:
         "last_used_time": key.last_used_time,
         "replaced_by": key.replaced_by,
         "rotated_from": key.rotated_from,
+        "leak_time": key.leak_time,
+        "leak_source": key.leak_source,
+        "leak_url": key.leak_url,
     }
 
 
@@ -242,6 +252,11 @@ class SqlTransaction:
         row = self._connection.execute(
             statement, {"tenant_id": tenant_id, "key_id": key_id}
         ).first()
+        return None if row is None else _to_record(row)
+
+    def get_key_by_digest_for_update(self, digest: bytes) -> KeyRecord | None:
+        statement = _BY_DIGEST_FULL.with_for_update() if self._for_update else _BY_DIGEST_FULL
+        row = self._connection.execute(statement, {"digest": digest}).first()
         return None if row is None else _to_record(row)
 
     def insert_key(self, key: KeyRecord) -> None:
