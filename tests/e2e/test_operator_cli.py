@@ -199,22 +199,6 @@ def test_rotate_with_overlap_then_revoke(e2e_server: ServerProcess) -> None:
     old = as_json(apikeys(e2e_server, "-o", "json", "keys", "get", old_id, "--tenant", TENANT))
     assert old["replacedBy"]
     assert old["expireTime"]
-    # A key never used is quiet at once.
-    assert (
-        ok(
-            apikeys(
-                e2e_server,
-                "keys",
-                "wait-unused",
-                old["replacedBy"],
-                "--tenant",
-                TENANT,
-                "--quiet-for",
-                "10m",
-            )
-        ).returncode
-        == 0
-    )
     revoked = ok(
         apikeys(e2e_server, "keys", "revoke", old_id, "--tenant", TENANT, "--reason", "rotated")
     )
@@ -223,6 +207,23 @@ def test_rotate_with_overlap_then_revoke(e2e_server: ServerProcess) -> None:
 
 
 def test_wait_unused_times_out_while_in_use(e2e_server: ServerProcess) -> None:
+    idle_id, _ = create(e2e_server, "idle", "passes:read")
+    idle = apikeys(
+        e2e_server,
+        "keys",
+        "wait-unused",
+        idle_id,
+        "--tenant",
+        TENANT,
+        "--quiet-for",
+        "10m",
+        "--timeout",
+        "5s",
+        "--poll",
+        "1s",
+    )
+    assert idle.returncode == 0, idle.stderr  # never used: quiet at once
+    assert "never used" in idle.stderr
     key_id, secret = create(e2e_server, "busy", "passes:read")
     assert verify(e2e_server, stdin=secret).returncode == 0
     deadline = time.monotonic() + 20
@@ -282,6 +283,7 @@ def test_every_command_has_help_with_example(e2e_server: ServerProcess) -> None:
         ["scopes"],
         ["events"],
         ["verify"],
+        ["leaks", "report"],
         *[
             ["keys", name]
             for name in ("create", "list", "get", "update", "rotate", "revoke", "wait-unused")
@@ -305,6 +307,52 @@ def test_events(e2e_server: ServerProcess) -> None:
         "EVENT_ACTION_REVOKED",
         "EVENT_ACTION_CREATED",
     ]
+
+
+def test_leaks_report_across_tenants(e2e_server: ServerProcess) -> None:
+    """A tenant key revokes its own tenant's leaked keys only; a platform key any tenant's."""
+    _, acme_admin = create(e2e_server, "acme-admin", "apikeys:manage", "apikeys:read")
+    acme_id, acme_key = create(e2e_server, "acme-leaky", "passes:read")
+    globex_id, globex_key = create(e2e_server, "globex-leaky", "passes:read", tenant=OTHER_TENANT)
+    url = "https://github.com/acme/app/commit/0a1b"
+    run = ok(
+        apikeys(
+            e2e_server,
+            "leaks",
+            "report",
+            "--source",
+            "gitleaks",
+            "--url",
+            url,
+            key=acme_admin,
+            stdin=f"{acme_key}\n{globex_key}\nnot-a-key\n",
+        )
+    )
+    header, *rows = run.stdout.splitlines()
+    assert header.split() == ["#", "HINT", "OUTCOME", "KEY"]
+    assert [row.split()[2] for row in rows] == ["REVOKED", "NOT_FOUND", "MALFORMED"]
+    assert acme_id in rows[0] and globex_id not in run.stdout
+    assert verify(e2e_server, stdin=acme_key).returncode == 3
+    other = apikeys(e2e_server, "verify", "--tenant", OTHER_TENANT, stdin=globex_key)
+    assert other.returncode == 0
+    acme = as_json(apikeys(e2e_server, "-o", "json", "keys", "get", acme_id, "--tenant", TENANT))
+    assert acme["leakSource"] == "gitleaks" and acme["leakUrl"] == url and acme["leakTime"]
+    events = as_json(
+        apikeys(e2e_server, "-o", "json", "events", "--tenant", TENANT, "--key", acme_id)
+    )
+    assert events["events"][0]["action"] == "EVENT_ACTION_LEAKED"
+    # The platform key, scanning a text: finds the key (checksum checked) and revokes it.
+    text = f"commit 0a1b\n+API_KEY={globex_key}\n+OTHER=ak_{'A' * 38}\n"
+    document = as_json(apikeys(e2e_server, "-o", "json", "leaks", "report", "--scan", stdin=text))
+    assert document["results"] == [
+        {
+            "hint": document["results"][0]["hint"],
+            "outcome": "LEAK_OUTCOME_REVOKED",
+            "keyId": globex_id,
+        }
+    ]
+    # Nothing found to report is a usage error.
+    assert apikeys(e2e_server, "leaks", "report", "--scan", stdin="nothing").returncode == 2
 
 
 def test_no_secret_in_any_output(e2e_server: ServerProcess) -> None:

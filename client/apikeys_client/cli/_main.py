@@ -16,18 +16,20 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from apikeys.v1 import api_key_pb2, key_verifier_pb2
+from apikeys.v1 import api_key_pb2, key_manager_pb2, key_verifier_pb2
 from apikeys_client._client import ApiKeysClient
 from apikeys_client._errors import ApiKeysError
 from apikeys_client._tls import tls_credentials
 from apikeys_client.cli import _output as out
 from apikeys_client.cli._durations import DURATION
+from apikeys_client.key_pattern import find_keys
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_KEY_REFUSED = 3
 EXIT_INSUFFICIENT_SCOPE = 4
 EXIT_STILL_IN_USE = 5
+LEAK_BATCH = 1000  # RevokeLeakedKeys takes at most this many secrets a call
 SECRET_WARNING = "This secret is shown once and will not be shown again: store it now."
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -495,6 +497,58 @@ def verify(settings: Settings, required: tuple[str, ...], tenant: str) -> None:
         if answer.code == key_verifier_pb2.VERIFY_CODE_INSUFFICIENT_SCOPE
         else EXIT_KEY_REFUSED
     )
+
+
+# -- leaks ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def leaks() -> None:
+    """Leaked keys: revoke them and record where they were found."""
+
+
+@leaks.command("report")
+@click.option("--source", default="", help="Who found them (e.g. github-secret-scanning).")
+@click.option("--url", default="", help="Where they were found (e.g. the commit's URL).")
+@click.option(
+    "--scan",
+    is_flag=True,
+    help="Stdin is any text (a log, a diff): report every key found in it (checksum checked). "
+    "Without it, stdin is one key per line.",
+)
+@pass_settings
+def leaks_report(settings: Settings, source: str, url: str, scan: bool) -> None:
+    """Revoke leaked keys read from stdin, at once, and record the leak.
+
+    A platform key reaches any tenant's keys; a tenant key its own tenant's only (others show
+    NOT_FOUND). Each key is shown by its hint, never whole.
+
+    \b
+    Example:
+      apikeys leaks report --source gitleaks --url https://github.com/acme/app/commit/0a1b < keys
+      git show 0a1b | apikeys leaks report --scan --source review
+    """
+    secrets = list(find_keys(sys.stdin.read())) if scan else read_stdin_lines()
+    if not secrets:
+        raise click.UsageError("no keys on stdin" + (" (none found by --scan)" if scan else ""))
+    results: list[key_manager_pb2.LeakedKeyResult] = []
+    with settings.client() as client:
+        for start in range(0, len(secrets), LEAK_BATCH):
+            batch = secrets[start : start + LEAK_BATCH]
+            results += client.revoke_leaked_keys(batch, source=source, url=url)
+    if settings.json:
+        out.emit_json({"results": [out.as_dict(result) for result in results]})
+        return
+    rows = [
+        [
+            str(number),
+            result.hint or out.NONE,
+            key_manager_pb2.LeakOutcome.Name(result.outcome).removeprefix("LEAK_OUTCOME_"),
+            result.key_id or out.NONE,
+        ]
+        for number, result in enumerate(results, start=1)
+    ]
+    click.echo(out.table(["#", "HINT", "OUTCOME", "KEY"], rows))
 
 
 # -- entry point ------------------------------------------------------------------------------
