@@ -5,6 +5,7 @@ stdout of the one command that made it (``keys create``/``keys rotate``).
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -333,6 +334,17 @@ def test_leaks_report_across_tenants(e2e_server: ServerProcess) -> None:
     assert [row.split()[2] for row in rows] == ["REVOKED", "NOT_FOUND", "MALFORMED"]
     assert acme_id in rows[0] and globex_id not in run.stdout
     assert verify(e2e_server, stdin=acme_key).returncode == 3
+    # The tripwire: the revoked key was presented; list and get flag it once written (batched).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listing = ok(apikeys(e2e_server, "keys", "list", "--all", "--tenant", TENANT)).stdout
+        row = next(row for row in listing.splitlines() if row.startswith(acme_id))
+        if "!presented x1" in row:
+            break
+        time.sleep(0.5)
+    assert "!presented x1" in row
+    shown = ok(apikeys(e2e_server, "keys", "get", acme_id, "--tenant", TENANT)).stdout
+    assert re.search(r"TRIPWIRE: +presented 1 times after it stopped working", shown)
     other = apikeys(e2e_server, "verify", "--tenant", OTHER_TENANT, stdin=globex_key)
     assert other.returncode == 0
     acme = as_json(apikeys(e2e_server, "-o", "json", "keys", "get", acme_id, "--tenant", TENANT))
@@ -340,7 +352,9 @@ def test_leaks_report_across_tenants(e2e_server: ServerProcess) -> None:
     events = as_json(
         apikeys(e2e_server, "-o", "json", "events", "--tenant", TENANT, "--key", acme_id)
     )
-    assert events["events"][0]["action"] == "EVENT_ACTION_LEAKED"
+    actions = [event["action"] for event in events["events"]]
+    assert actions[0] == "EVENT_ACTION_PRESENTED_AFTER_REVOCATION"  # the tripwire, newest
+    assert "EVENT_ACTION_LEAKED" in actions
     # The platform key, scanning a text: finds the key (checksum checked) and revokes it.
     text = f"commit 0a1b\n+API_KEY={globex_key}\n+OTHER=ak_{'A' * 38}\n"
     document = as_json(apikeys(e2e_server, "-o", "json", "leaks", "report", "--scan", stdin=text))

@@ -173,7 +173,7 @@ def _key_rows(found: list[api_key_pb2.ApiKey]) -> list[list[str]]:
         [
             key.id,
             key.name,
-            out.state(key),
+            out.state(key) + _tripped(key),
             ",".join(key.scopes),
             key.hint,
             out.when(key.create_time, now),
@@ -182,6 +182,13 @@ def _key_rows(found: list[api_key_pb2.ApiKey]) -> list[list[str]]:
         ]
         for key in found
     ]
+
+
+def _tripped(key: api_key_pb2.ApiKey) -> str:
+    """A flag for a key presented after it stopped working (someone still holds it)."""
+    if not key.presented_after_revocation_count:
+        return ""
+    return click.style(f" !presented x{key.presented_after_revocation_count}", fg="red", bold=True)
 
 
 KEY_HEADERS = ["ID", "NAME", "STATE", "SCOPES", "HINT", "CREATED", "LAST USED", "EXPIRES"]
@@ -210,6 +217,22 @@ def _key_fields(key: api_key_pb2.ApiKey) -> list[tuple[str, str]]:
     if out.is_set(key.revoke_time):
         pairs.append(("revoked", out.when(key.revoke_time, now)))
         pairs.append(("revoke reason", key.revoke_reason or out.NONE))
+    if out.is_set(key.leak_time):
+        pairs.append(("leaked", out.when(key.leak_time, now)))
+        pairs.append(("leak source", key.leak_source or out.NONE))
+        pairs.append(("leak url", key.leak_url or out.NONE))
+    if key.presented_after_revocation_count:
+        pairs.append(
+            (
+                "TRIPWIRE",
+                click.style(
+                    f"presented {key.presented_after_revocation_count} times after it stopped "
+                    f"working, last {out.when(key.presented_after_revocation_time, now)}",
+                    fg="red",
+                    bold=True,
+                ),
+            )
+        )
     if key.rotated_from:
         pairs.append(("rotated from", key.rotated_from))
     if key.replaced_by:

@@ -1,6 +1,6 @@
 """What the domain needs from storage and infrastructure, as protocols (implemented in storage/)."""
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +23,29 @@ class KeyLookup(Protocol):
 
 class UsageRecorder(Protocol):
     def record(self, key_id: str, when: datetime) -> None: ...
+
+
+class TripwireRecorder(Protocol):
+    """Notes a key presented after it stopped working (revoked, leaked, expired)."""
+
+    def record_presented(
+        self, key_id: str, tenant_id: str, when: datetime, presenter: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """A key's presentations after it stopped working, gathered since the last flush.
+
+    ``presenter``: the key id of the caller that presented it last; ``event``: whether this
+    flush writes a PRESENTED_AFTER_REVOCATION event (at most one a key a minute)."""
+
+    key_id: str
+    tenant_id: str
+    time: datetime
+    count: int
+    presenter: str
+    event: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +99,8 @@ class KeyStore(KeyLookup, Protocol):
     def transaction(self) -> AbstractContextManager[KeyWriter]: ...
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None: ...
+
+    def record_presented(self, presented: Sequence[Presented]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

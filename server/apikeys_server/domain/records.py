@@ -18,6 +18,8 @@ class EventAction(enum.Enum):
     ROTATED = "rotated"
     REVOKED = "revoked"
     LEAKED = "leaked"
+    # Stored in a 16-character column: the short name.
+    PRESENTED_AFTER_REVOCATION = "presented"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class KeyRecord:
     leak_time: datetime | None = None
     leak_source: str = ""
     leak_url: str = ""
+    presented_after_revocation_time: datetime | None = None
+    presented_after_revocation_count: int = 0
 
     def state(self, now: datetime) -> KeyState:
         return key_state(self.revoke_time is not None, self.expire_time, now)

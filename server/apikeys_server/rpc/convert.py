@@ -24,6 +24,7 @@ _ACTION = {
     EventAction.ROTATED: api_key_pb2.EVENT_ACTION_ROTATED,
     EventAction.REVOKED: api_key_pb2.EVENT_ACTION_REVOKED,
     EventAction.LEAKED: api_key_pb2.EVENT_ACTION_LEAKED,
+    EventAction.PRESENTED_AFTER_REVOCATION: api_key_pb2.EVENT_ACTION_PRESENTED_AFTER_REVOCATION,
 }
 _CODE = {
     VerifyCode.VALID: key_verifier_pb2.VERIFY_CODE_VALID,
@@ -85,6 +86,7 @@ def api_key(key: KeyRecord, now: datetime) -> api_key_pb2.ApiKey:
         revoke_reason=key.revoke_reason,
         leak_source=key.leak_source,
         leak_url=key.leak_url,
+        presented_after_revocation_count=key.presented_after_revocation_count,
     )
     if key.expire_time is not None:
         message.expire_time.CopyFrom(timestamp(key.expire_time))
@@ -94,6 +96,10 @@ def api_key(key: KeyRecord, now: datetime) -> api_key_pb2.ApiKey:
         message.last_used_time.CopyFrom(timestamp(key.last_used_time))
     if key.leak_time is not None:
         message.leak_time.CopyFrom(timestamp(key.leak_time))
+    if key.presented_after_revocation_time is not None:
+        message.presented_after_revocation_time.CopyFrom(
+            timestamp(key.presented_after_revocation_time)
+        )
     return message
 
 

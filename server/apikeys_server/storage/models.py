@@ -65,6 +65,11 @@ class ApiKeyRow(Base):
     leak_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
     leak_source: Mapped[str] = mapped_column(String(64), default="", server_default="")
     leak_url: Mapped[str] = mapped_column(String(2048), default="", server_default="")
+    # The tripwire (migration 0004): presented after it stopped working; written in batches.
+    presented_after_revocation_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    presented_after_revocation_count: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0"
+    )
 
     __table_args__ = (Index("ix_api_keys_tenant_created", "tenant_id", "create_time", "id"),)
 

@@ -1,4 +1,5 @@
-"""Leaked keys: when a key was reported leaked, by whom and where (RevokeLeakedKeys).
+"""Leaked keys: when a key was reported leaked, by whom and where (RevokeLeakedKeys); and the
+tripwire: when and how often a key was presented after it stopped working.
 
 Revision ID: 0004
 Revises: 0003
@@ -22,10 +23,21 @@ def upgrade() -> None:
         batch.add_column(sa.Column("leak_time", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("leak_source", sa.String(64), nullable=False, server_default=""))
         batch.add_column(sa.Column("leak_url", sa.String(2048), nullable=False, server_default=""))
+        # The tripwire: presented after it stopped working (revoked, leaked, expired).
+        batch.add_column(
+            sa.Column("presented_after_revocation_time", sa.DateTime(timezone=True), nullable=True)
+        )
+        batch.add_column(
+            sa.Column(
+                "presented_after_revocation_count", sa.Integer(), nullable=False, server_default="0"
+            )
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("presented_after_revocation_count")
+        batch.drop_column("presented_after_revocation_time")
         batch.drop_column("leak_url")
         batch.drop_column("leak_source")
         batch.drop_column("leak_time")
