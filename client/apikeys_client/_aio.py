@@ -176,6 +176,14 @@ class AsyncApiKeysClient:
         key: api_key_pb2.ApiKey = await self._call(self._manager.RevokeKey, request)
         return key
 
+    async def revoke_leaked_keys(
+        self, secrets: Iterable[str], *, source: str = "", url: str = ""
+    ) -> list[key_manager_pb2.LeakedKeyResult]:
+        """As ``ApiKeysClient.revoke_leaked_keys``."""
+        request = build.revoke_leaked_keys(secrets, source, url)
+        response = await self._call(self._manager.RevokeLeakedKeys, request)
+        return list(response.results)
+
     async def list_scopes(self) -> list[api_key_pb2.Scope]:
         response = await self._call(self._manager.ListScopes, build.list_scopes())
         return list(response.scopes)

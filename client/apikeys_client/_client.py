@@ -211,3 +211,12 @@ class ApiKeysClient:
             yield from page.events
             if not (token := page.next_page_token):
                 return
+
+    def revoke_leaked_keys(
+        self, secrets: Iterable[str], *, source: str = "", url: str = ""
+    ) -> list[key_manager_pb2.LeakedKeyResult]:
+        """Revokes the keys of leaked ``secrets`` (at most 1000) and records ``source`` and
+        ``url``; one result per secret, in order: its hint and REVOKED, ALREADY_REVOKED,
+        NOT_FOUND (or another tenant's) or MALFORMED."""
+        request = build.revoke_leaked_keys(secrets, source, url)
+        return list(self._call(self._manager.RevokeLeakedKeys, request).results)

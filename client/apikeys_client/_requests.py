@@ -219,6 +219,12 @@ def revoke_key(key_id: str, tenant_id: str, reason: str) -> key_manager_pb2.Revo
     return key_manager_pb2.RevokeKeyRequest(tenant_id=tenant_id, key_id=key_id, reason=reason)
 
 
+def revoke_leaked_keys(
+    secrets: Iterable[str], source: str, url: str
+) -> key_manager_pb2.RevokeLeakedKeysRequest:
+    return key_manager_pb2.RevokeLeakedKeysRequest(secrets=list(secrets), source=source, url=url)
+
+
 def list_scopes() -> key_manager_pb2.ListScopesRequest:
     return key_manager_pb2.ListScopesRequest()
 

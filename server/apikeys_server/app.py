@@ -165,7 +165,9 @@ def build_services(
     key_format = KeyFormat(settings.key_prefix)
     catalog = load_catalog(settings.scopes_file)
     last_used = LastUsedRecorder(store, settings.last_used_flush_seconds)
-    verifier = Verifier(key_format, CachedKeyLookup(store, cache), catalog, clock, last_used)
+    verifier = Verifier(
+        key_format, CachedKeyLookup(store, cache), catalog, clock, last_used, tripwire=last_used
+    )
     manager = KeyManager(store, catalog, key_format, clock, settings.max_rotation_overlap)
     return Services(settings, database, store, cache, last_used, follower, verifier, manager)
 

@@ -65,6 +65,11 @@ def _requests(tenant_id: str, target: Target) -> dict[str, tuple[str, str, objec
             key_manager_pb2.RevokeKeyRequest(tenant_id=tenant_id, key_id=target.key_id),
         ),
         "ListScopes": ("manager", "ListScopes", key_manager_pb2.ListScopesRequest()),
+        "RevokeLeakedKeys": (
+            "manager",
+            "RevokeLeakedKeys",
+            key_manager_pb2.RevokeLeakedKeysRequest(secrets=[target.secret], source="test"),
+        ),
         "ListEvents": (
             "manager",
             "ListEvents",
@@ -92,6 +97,7 @@ NEEDED_SCOPE = {
     "UpdateKey": reserved.MANAGE,
     "RotateKey": reserved.MANAGE,
     "RevokeKey": reserved.MANAGE,
+    "RevokeLeakedKeys": reserved.MANAGE,
     "ListScopes": reserved.READ,
     "ListEvents": reserved.READ,
     "Verify": reserved.VERIFY,
@@ -104,7 +110,8 @@ SERVICES = (
 # From the descriptors, not from NEEDED_SCOPE: a new RPC is in every test below until this
 # module says which scope it needs and how to call it.
 RPCS = [method.name for service in SERVICES for method in service.methods]
-TENANT_RPCS = [rpc for rpc in RPCS if rpc != "ListScopes"]
+# RevokeLeakedKeys names no tenant: the secret decides (tests/integration/test_revoke_leaked.py).
+TENANT_RPCS = [rpc for rpc in RPCS if rpc not in ("ListScopes", "RevokeLeakedKeys")]
 # A platform key with no tenant_id watches every tenant at once.
 NAMED_TENANT_RPCS = [rpc for rpc in TENANT_RPCS if rpc != "WatchKeyChanges"]
 KEY_ID_RPCS = ["GetKey", "UpdateKey", "RotateKey", "RevokeKey"]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61pikeys/v1/api_key.proto\x12\napikeys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x03\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x0c\n\x04hint\x18\x05 \x01(\t\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.apikeys.v1.KeyState\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x14\n\x0crotated_from\x18\x0c \x01(\t\x12\x15\n\rrevoke_reason\x18\r \x01(\t\"*\n\x05Scope\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"B\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x11\n\told_value\x18\x02 \x01(\t\x12\x11\n\tnew_value\x18\x03 \x01(\t\"\xcc\x01\n\x08KeyEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\'\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x17.apikeys.v1.EventAction\x12\x14\n\x0c\x61\x63tor_key_id\x18\x06 \x01(\t\x12(\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x17.apikeys.v1.FieldChange*i\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x02\x12\x15\n\x11KEY_STATE_REVOKED\x10\x03*\x93\x01\n\x0b\x45ventAction\x12\x1c\n\x18\x45VENT_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_ACTION_CREATED\x10\x01\x12\x18\n\x14\x45VENT_ACTION_UPDATED\x10\x02\x12\x18\n\x14\x45VENT_ACTION_ROTATED\x10\x03\x12\x18\n\x14\x45VENT_ACTION_REVOKED\x10\x04\x42Q\n\x0e\x63om.apikeys.v1B\x0b\x41piKeyProtoP\x01Z#apikeys/gen/go/apikeys/v1;apikeysv1\xaa\x02\nApikeys.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61pikeys/v1/api_key.proto\x12\napikeys.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x0c\n\x04hint\x18\x05 \x01(\t\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.apikeys.v1.KeyState\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breplaced_by\x18\x0b \x01(\t\x12\x14\n\x0crotated_from\x18\x0c \x01(\t\x12\x15\n\rrevoke_reason\x18\r \x01(\t\x12-\n\tleak_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bleak_source\x18\x0f \x01(\t\x12\x10\n\x08leak_url\x18\x10 \x01(\t\x12\x43\n\x1fpresented_after_revocation_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n presented_after_revocation_count\x18\x12 \x01(\x03\"*\n\x05Scope\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"B\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x11\n\told_value\x18\x02 \x01(\t\x12\x11\n\tnew_value\x18\x03 \x01(\t\"\xcc\x01\n\x08KeyEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\'\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32\x17.apikeys.v1.EventAction\x12\x14\n\x0c\x61\x63tor_key_id\x18\x06 \x01(\t\x12(\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x17.apikeys.v1.FieldChange*i\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x02\x12\x15\n\x11KEY_STATE_REVOKED\x10\x03*\xd9\x01\n\x0b\x45ventAction\x12\x1c\n\x18\x45VENT_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45VENT_ACTION_CREATED\x10\x01\x12\x18\n\x14\x45VENT_ACTION_UPDATED\x10\x02\x12\x18\n\x14\x45VENT_ACTION_ROTATED\x10\x03\x12\x18\n\x14\x45VENT_ACTION_REVOKED\x10\x04\x12\x17\n\x13\x45VENT_ACTION_LEAKED\x10\x05\x12+\n\'EVENT_ACTION_PRESENTED_AFTER_REVOCATION\x10\x06\x42Q\n\x0e\x63om.apikeys.v1B\x0b\x41piKeyProtoP\x01Z#apikeys/gen/go/apikeys/v1;apikeysv1\xaa\x02\nApikeys.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apikeys.v1.api_key_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016com.apikeys.v1B\013ApiKeyProtoP\001Z#apikeys/gen/go/apikeys/v1;apikeysv1\252\002\nApikeys.V1'
-  _globals['_KEYSTATE']._serialized_start=780
-  _globals['_KEYSTATE']._serialized_end=885
-  _globals['_EVENTACTION']._serialized_start=888
-  _globals['_EVENTACTION']._serialized_end=1035
+  _globals['_KEYSTATE']._serialized_start=977
+  _globals['_KEYSTATE']._serialized_end=1082
+  _globals['_EVENTACTION']._serialized_start=1085
+  _globals['_EVENTACTION']._serialized_end=1302
   _globals['_APIKEY']._serialized_start=74
-  _globals['_APIKEY']._serialized_end=459
-  _globals['_SCOPE']._serialized_start=461
-  _globals['_SCOPE']._serialized_end=503
-  _globals['_FIELDCHANGE']._serialized_start=505
-  _globals['_FIELDCHANGE']._serialized_end=571
-  _globals['_KEYEVENT']._serialized_start=574
-  _globals['_KEYEVENT']._serialized_end=778
+  _globals['_APIKEY']._serialized_end=656
+  _globals['_SCOPE']._serialized_start=658
+  _globals['_SCOPE']._serialized_end=700
+  _globals['_FIELDCHANGE']._serialized_start=702
+  _globals['_FIELDCHANGE']._serialized_end=768
+  _globals['_KEYEVENT']._serialized_start=771
+  _globals['_KEYEVENT']._serialized_end=975
 # @@protoc_insertion_point(module_scope)

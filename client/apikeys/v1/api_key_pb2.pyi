@@ -57,6 +57,12 @@ class _EventActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventActi
     EVENT_ACTION_UPDATED: _EventAction.ValueType  # 2
     EVENT_ACTION_ROTATED: _EventAction.ValueType  # 3
     EVENT_ACTION_REVOKED: _EventAction.ValueType  # 4
+    EVENT_ACTION_LEAKED: _EventAction.ValueType  # 5
+    """Reported leaked (RevokeLeakedKeys): revoked then, if it was not already."""
+    EVENT_ACTION_PRESENTED_AFTER_REVOCATION: _EventAction.ValueType  # 6
+    """Presented after it stopped working (revoked, leaked, expired); actor_key_id is the caller
+    that presented it. At most one a key a minute (per server process).
+    """
 
 class EventAction(_EventAction, metaclass=_EventActionEnumTypeWrapper):
     """What an audit event records."""
@@ -66,6 +72,12 @@ EVENT_ACTION_CREATED: EventAction.ValueType  # 1
 EVENT_ACTION_UPDATED: EventAction.ValueType  # 2
 EVENT_ACTION_ROTATED: EventAction.ValueType  # 3
 EVENT_ACTION_REVOKED: EventAction.ValueType  # 4
+EVENT_ACTION_LEAKED: EventAction.ValueType  # 5
+"""Reported leaked (RevokeLeakedKeys): revoked then, if it was not already."""
+EVENT_ACTION_PRESENTED_AFTER_REVOCATION: EventAction.ValueType  # 6
+"""Presented after it stopped working (revoked, leaked, expired); actor_key_id is the caller
+that presented it. At most one a key a minute (per server process).
+"""
 Global___EventAction: _TypeAlias = EventAction  # noqa: Y015
 
 @_typing.final
@@ -87,6 +99,11 @@ class ApiKey(_message.Message):
     REPLACED_BY_FIELD_NUMBER: _builtins.int
     ROTATED_FROM_FIELD_NUMBER: _builtins.int
     REVOKE_REASON_FIELD_NUMBER: _builtins.int
+    LEAK_TIME_FIELD_NUMBER: _builtins.int
+    LEAK_SOURCE_FIELD_NUMBER: _builtins.int
+    LEAK_URL_FIELD_NUMBER: _builtins.int
+    PRESENTED_AFTER_REVOCATION_TIME_FIELD_NUMBER: _builtins.int
+    PRESENTED_AFTER_REVOCATION_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Public, stable identifier, e.g. "key_3fk2...". Safe to log."""
     tenant_id: _builtins.str
@@ -102,6 +119,12 @@ class ApiKey(_message.Message):
     """Id of the key this one replaced in a rotation; empty if none."""
     revoke_reason: _builtins.str
     """Free text given at revocation."""
+    leak_source: _builtins.str
+    """Who found the leak (e.g. "github-secret-scanning"), as reported."""
+    leak_url: _builtins.str
+    """Where the key was found (e.g. the commit's URL), as reported."""
+    presented_after_revocation_count: _builtins.int
+    """How many times it was presented after it stopped working."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Scopes granted to the key, sorted."""
@@ -120,6 +143,16 @@ class ApiKey(_message.Message):
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
         """Last successful Verify, flushed in batches (see README for precision)."""
 
+    @_builtins.property
+    def leak_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was reported leaked (RevokeLeakedKeys); unset if never."""
+
+    @_builtins.property
+    def presented_after_revocation_time(self) -> _timestamp_pb2.Timestamp:
+        """The tripwire: the last time the key was presented (to Verify or as a caller's key) after
+        it was revoked, leaked or expired; unset if never. Written in batches, like last_used_time.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +169,15 @@ class ApiKey(_message.Message):
         replaced_by: _builtins.str = ...,
         rotated_from: _builtins.str = ...,
         revoke_reason: _builtins.str = ...,
+        leak_time: _timestamp_pb2.Timestamp | None = ...,
+        leak_source: _builtins.str = ...,
+        leak_url: _builtins.str = ...,
+        presented_after_revocation_time: _timestamp_pb2.Timestamp | None = ...,
+        presented_after_revocation_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "leak_time", b"leak_time", "presented_after_revocation_time", b"presented_after_revocation_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "hint", b"hint", "id", b"id", "last_used_time", b"last_used_time", "name", b"name", "replaced_by", b"replaced_by", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "rotated_from", b"rotated_from", "scopes", b"scopes", "state", b"state", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "hint", b"hint", "id", b"id", "last_used_time", b"last_used_time", "leak_source", b"leak_source", "leak_time", b"leak_time", "leak_url", b"leak_url", "name", b"name", "presented_after_revocation_count", b"presented_after_revocation_count", "presented_after_revocation_time", b"presented_after_revocation_time", "replaced_by", b"replaced_by", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "rotated_from", b"rotated_from", "scopes", b"scopes", "state", b"state", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _LeakOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LeakOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeakOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEAK_OUTCOME_UNSPECIFIED: _LeakOutcome.ValueType  # 0
+    LEAK_OUTCOME_REVOKED: _LeakOutcome.ValueType  # 1
+    """It was active (or expired) and is revoked now."""
+    LEAK_OUTCOME_ALREADY_REVOKED: _LeakOutcome.ValueType  # 2
+    """It was already revoked; the leak is recorded all the same."""
+    LEAK_OUTCOME_NOT_FOUND: _LeakOutcome.ValueType  # 3
+    """No such key, or not one the caller may reach."""
+    LEAK_OUTCOME_MALFORMED: _LeakOutcome.ValueType  # 4
+    """Not a key of this deployment's format (prefix, length, checksum)."""
+
+class LeakOutcome(_LeakOutcome, metaclass=_LeakOutcomeEnumTypeWrapper):
+    """What became of one reported secret."""
+
+LEAK_OUTCOME_UNSPECIFIED: LeakOutcome.ValueType  # 0
+LEAK_OUTCOME_REVOKED: LeakOutcome.ValueType  # 1
+"""It was active (or expired) and is revoked now."""
+LEAK_OUTCOME_ALREADY_REVOKED: LeakOutcome.ValueType  # 2
+"""It was already revoked; the leak is recorded all the same."""
+LEAK_OUTCOME_NOT_FOUND: LeakOutcome.ValueType  # 3
+"""No such key, or not one the caller may reach."""
+LEAK_OUTCOME_MALFORMED: LeakOutcome.ValueType  # 4
+"""Not a key of this deployment's format (prefix, length, checksum)."""
+Global___LeakOutcome: _TypeAlias = LeakOutcome  # noqa: Y015
 
 @_typing.final
 class CreateKeyRequest(_message.Message):
@@ -390,3 +421,82 @@ class ListEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeLeakedKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRETS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Who found them (e.g. "github-secret-scanning", "gitleaks"); at most 64 characters."""
+    url: _builtins.str
+    """Where they were found (e.g. a commit's URL); at most 2048 characters."""
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The leaked keys, whole (at most 1000). Never logged or echoed back."""
+
+    def __init__(
+        self,
+        *,
+        secrets: _abc.Iterable[_builtins.str] | None = ...,
+        source: _builtins.str = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secrets", b"secrets", "source", b"source", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeLeakedKeysRequest: _TypeAlias = RevokeLeakedKeysRequest  # noqa: Y015
+
+@_typing.final
+class LeakedKeyResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HINT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    hint: _builtins.str
+    """The secret's hint (prefix and first characters); empty when MALFORMED."""
+    outcome: Global___LeakOutcome.ValueType
+    key_id: _builtins.str
+    """The key's id when REVOKED or ALREADY_REVOKED."""
+    def __init__(
+        self,
+        *,
+        hint: _builtins.str = ...,
+        outcome: Global___LeakOutcome.ValueType = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hint", b"hint", "key_id", b"key_id", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeakedKeyResult: _TypeAlias = LeakedKeyResult  # noqa: Y015
+
+@_typing.final
+class RevokeLeakedKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeakedKeyResult]:
+        """One per secret, in the request's order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___LeakedKeyResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeLeakedKeysResponse: _TypeAlias = RevokeLeakedKeysResponse  # noqa: Y015

@@ -78,6 +78,11 @@ class KeyManagerStub:
                 request_serializer=apikeys_dot_v1_dot_key__manager__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=apikeys_dot_v1_dot_key__manager__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.RevokeLeakedKeys = channel.unary_unary(
+                '/apikeys.v1.KeyManager/RevokeLeakedKeys',
+                request_serializer=apikeys_dot_v1_dot_key__manager__pb2.RevokeLeakedKeysRequest.SerializeToString,
+                response_deserializer=apikeys_dot_v1_dot_key__manager__pb2.RevokeLeakedKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyManagerServicer:
@@ -141,6 +146,15 @@ class KeyManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeLeakedKeys(self, request, context):
+        """Revokes the keys whose secrets were found leaked, and records where. Needs
+        apikeys:manage; a tenant key reaches its own tenant's keys only (another tenant's
+        key is NOT_FOUND), a platform key any tenant's. At most 1000 secrets a call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_KeyManagerServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=apikeys_dot_v1_dot_key__manager__pb2.ListEventsRequest.FromString,
                     response_serializer=apikeys_dot_v1_dot_key__manager__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'RevokeLeakedKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeLeakedKeys,
+                    request_deserializer=apikeys_dot_v1_dot_key__manager__pb2.RevokeLeakedKeysRequest.FromString,
+                    response_serializer=apikeys_dot_v1_dot_key__manager__pb2.RevokeLeakedKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +423,33 @@ class KeyManager:
             '/apikeys.v1.KeyManager/ListEvents',
             apikeys_dot_v1_dot_key__manager__pb2.ListEventsRequest.SerializeToString,
             apikeys_dot_v1_dot_key__manager__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeLeakedKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apikeys.v1.KeyManager/RevokeLeakedKeys',
+            apikeys_dot_v1_dot_key__manager__pb2.RevokeLeakedKeysRequest.SerializeToString,
+            apikeys_dot_v1_dot_key__manager__pb2.RevokeLeakedKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

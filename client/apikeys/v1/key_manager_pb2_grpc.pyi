@@ -52,6 +52,11 @@ class KeyManagerStub:
     """The scope catalog keys may be granted from."""
     ListEvents: _grpc.UnaryUnaryMultiCallable[_key_manager_pb2.ListEventsRequest, _key_manager_pb2.ListEventsResponse]
     """The audit trail, newest first."""
+    RevokeLeakedKeys: _grpc.UnaryUnaryMultiCallable[_key_manager_pb2.RevokeLeakedKeysRequest, _key_manager_pb2.RevokeLeakedKeysResponse]
+    """Revokes the keys whose secrets were found leaked, and records where. Needs
+    apikeys:manage; a tenant key reaches its own tenant's keys only (another tenant's
+    key is NOT_FOUND), a platform key any tenant's. At most 1000 secrets a call.
+    """
 
 @_typing.type_check_only
 class KeyManagerAsyncStub(KeyManagerStub):
@@ -76,6 +81,11 @@ class KeyManagerAsyncStub(KeyManagerStub):
     """The scope catalog keys may be granted from."""
     ListEvents: _aio.UnaryUnaryMultiCallable[_key_manager_pb2.ListEventsRequest, _key_manager_pb2.ListEventsResponse]  # type: ignore[assignment]
     """The audit trail, newest first."""
+    RevokeLeakedKeys: _aio.UnaryUnaryMultiCallable[_key_manager_pb2.RevokeLeakedKeysRequest, _key_manager_pb2.RevokeLeakedKeysResponse]  # type: ignore[assignment]
+    """Revokes the keys whose secrets were found leaked, and records where. Needs
+    apikeys:manage; a tenant key reaches its own tenant's keys only (another tenant's
+    key is NOT_FOUND), a platform key any tenant's. At most 1000 secrets a call.
+    """
 
 class KeyManagerServicer(metaclass=_abc_1.ABCMeta):
     """Management of API keys. Every call authenticates its caller by the `x-api-key`
@@ -145,5 +155,16 @@ class KeyManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_manager_pb2.ListEventsResponse, _abc.Awaitable[_key_manager_pb2.ListEventsResponse]]:
         """The audit trail, newest first."""
+
+    @_abc_1.abstractmethod
+    def RevokeLeakedKeys(
+        self,
+        request: _key_manager_pb2.RevokeLeakedKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_manager_pb2.RevokeLeakedKeysResponse, _abc.Awaitable[_key_manager_pb2.RevokeLeakedKeysResponse]]:
+        """Revokes the keys whose secrets were found leaked, and records where. Needs
+        apikeys:manage; a tenant key reaches its own tenant's keys only (another tenant's
+        key is NOT_FOUND), a platform key any tenant's. At most 1000 secrets a call.
+        """
 
 def add_KeyManagerServicer_to_server(servicer: KeyManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,6 +6,7 @@ Verify served here sees the change; other processes learn of it from the feed.
 """
 
 import base64
+import enum
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -50,7 +51,28 @@ REQUEST_ID_TTL = timedelta(hours=24)
 # Expired request ids each create or rotate deletes (in its own transaction, skipping any
 # another is deleting): more than one per call, so the table holds about a day of ids.
 REQUEST_PRUNE_BATCH = 100
+# RevokeLeakedKeys: secrets one call may report, and the lengths of what it records.
+MAX_LEAKED_SECRETS = 1000
+MAX_LEAK_SOURCE_LENGTH = 64
+MAX_LEAK_URL_LENGTH = 2048
+LEAKED_REASON = "leaked"
 T = TypeVar("T")
+
+
+class LeakOutcome(enum.Enum):
+    REVOKED = "revoked"
+    ALREADY_REVOKED = "already_revoked"
+    NOT_FOUND = "not_found"
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class LeakResult:
+    """What became of one reported secret; ``hint`` is empty for a malformed one."""
+
+    hint: str
+    outcome: LeakOutcome
+    key_id: str = ""
 
 
 def new_id(kind: str) -> str:
@@ -331,6 +353,66 @@ class KeyManager:
             self._record(tx, key, EventAction.REVOKED, caller.key_id, now, self._diff(key, revoked))
         return revoked
 
+    def revoke_leaked(
+        self, caller: Caller, leaked: Sequence[str], source: str, url: str
+    ) -> list[LeakResult]:
+        """Revokes the keys of leaked secrets and records the leak (one LEAKED event each).
+
+        A tenant key reaches its own tenant's keys only: another tenant's is NOT_FOUND, as if
+        it did not exist. A key already revoked is ALREADY_REVOKED; its leak is recorded once
+        (a second report of the same key changes nothing). The results follow ``leaked``.
+        """
+        caller.require(reserved.MANAGE)
+        if len(leaked) > MAX_LEAKED_SECRETS:
+            raise InvalidArgument(
+                f"at most {MAX_LEAKED_SECRETS} secrets a call, not {len(leaked)}; split the report",
+                reason="TOO_MANY_SECRETS",
+                field="secrets",
+            )
+        for field, value, limit in (
+            ("source", source, MAX_LEAK_SOURCE_LENGTH),
+            ("url", url, MAX_LEAK_URL_LENGTH),
+        ):
+            if len(value) > limit:
+                raise InvalidArgument(
+                    f"{field} is at most {limit} characters",
+                    reason="LEAK_REPORT_TOO_LONG",
+                    field=field,
+                )
+        now = self._clock.now()
+        results: list[LeakResult] = []
+        with self._store.transaction() as tx:
+            for secret in leaked:
+                if not self._format.is_well_formed(secret):
+                    results.append(LeakResult("", LeakOutcome.MALFORMED))
+                    continue
+                hint = self._format.hint(secret)
+                key = tx.get_key_by_digest_for_update(digest(secret))
+                if key is None or not (caller.is_platform or key.tenant_id == caller.tenant_id):
+                    results.append(LeakResult(hint, LeakOutcome.NOT_FOUND))
+                    continue
+                outcome = (
+                    LeakOutcome.ALREADY_REVOKED
+                    if key.revoke_time is not None
+                    else LeakOutcome.REVOKED
+                )
+                results.append(LeakResult(hint, outcome, key.id))
+                if key.leak_time is not None:
+                    continue  # reported before: recorded once
+                marked = replace(
+                    key,
+                    revoke_time=key.revoke_time or now,
+                    revoke_reason=key.revoke_reason if key.revoke_time else LEAKED_REASON,
+                    leak_time=now,
+                    leak_source=source,
+                    leak_url=url,
+                )
+                tx.update_key(marked)
+                self._record(
+                    tx, key, EventAction.LEAKED, caller.key_id, now, self._diff(key, marked)
+                )
+        return results
+
     # -- helpers -----------------------------------------------------------------------------
 
     def _issue(
@@ -429,6 +511,9 @@ class KeyManager:
             "revoke_time": lambda k: _show_time(k.revoke_time),
             "revoke_reason": lambda k: k.revoke_reason,
             "replaced_by": lambda k: k.replaced_by or "",
+            "leak_time": lambda k: _show_time(k.leak_time),
+            "leak_source": lambda k: k.leak_source,
+            "leak_url": lambda k: k.leak_url,
         }
         changes = []
         for field, show in shown_fields.items():

@@ -1,6 +1,6 @@
 """What the domain needs from storage and infrastructure, as protocols (implemented in storage/)."""
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +25,29 @@ class UsageRecorder(Protocol):
     def record(self, key_id: str, when: datetime) -> None: ...
 
 
+class TripwireRecorder(Protocol):
+    """Notes a key presented after it stopped working (revoked, leaked, expired)."""
+
+    def record_presented(
+        self, key_id: str, tenant_id: str, when: datetime, presenter: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """A key's presentations after it stopped working, gathered since the last flush.
+
+    ``presenter``: the key id of the caller that presented it last; ``event``: whether this
+    flush writes a PRESENTED_AFTER_REVOCATION event (at most one a key a minute)."""
+
+    key_id: str
+    tenant_id: str
+    time: datetime
+    count: int
+    presenter: str
+    event: bool
+
+
 @dataclass(frozen=True, slots=True)
 class KeyQuery:
     tenant_id: str
@@ -36,6 +59,10 @@ class KeyWriter(Protocol):
     """Writes inside one transaction; committed when the block exits without error."""
 
     def get_key_for_update(self, tenant_id: str, key_id: str) -> KeyRecord | None: ...
+
+    def get_key_by_digest_for_update(self, digest: bytes) -> KeyRecord | None:
+        """The key with this digest, in any tenant (the caller checks the tenant)."""
+        ...
 
     def insert_key(self, key: KeyRecord) -> None: ...
 
@@ -72,6 +99,8 @@ class KeyStore(KeyLookup, Protocol):
     def transaction(self) -> AbstractContextManager[KeyWriter]: ...
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None: ...
+
+    def record_presented(self, presented: Sequence[Presented]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,9 @@ class EventAction(enum.Enum):
     UPDATED = "updated"
     ROTATED = "rotated"
     REVOKED = "revoked"
+    LEAKED = "leaked"
+    # Stored in a 16-character column: the short name.
+    PRESENTED_AFTER_REVOCATION = "presented"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,11 @@ class KeyRecord:
     last_used_time: datetime | None = None
     replaced_by: str | None = None
     rotated_from: str | None = None
+    leak_time: datetime | None = None
+    leak_source: str = ""
+    leak_url: str = ""
+    presented_after_revocation_time: datetime | None = None
+    presented_after_revocation_count: int = 0
 
     def state(self, now: datetime) -> KeyState:
         return key_state(self.revoke_time is not None, self.expire_time, now)

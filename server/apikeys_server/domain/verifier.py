@@ -7,11 +7,20 @@ from apikeys_server.domain.access import Caller
 from apikeys_server.domain.clock import Clock
 from apikeys_server.domain.errors import InvalidArgument, Unauthenticated
 from apikeys_server.domain.key_format import KeyFormat, digest
-from apikeys_server.domain.ports import KeyLookup, UsageRecorder
+from apikeys_server.domain.ports import KeyLookup, TripwireRecorder, UsageRecorder
 from apikeys_server.domain.records import KeyState, key_state
 from apikeys_server.domain.scopes import ScopeCatalog
 from apikeys_server.domain.validation import shown
-from apikeys_server.domain.verification import MALFORMED, MISSING, VerifyResult, evaluate
+from apikeys_server.domain.verification import (
+    MALFORMED,
+    MISSING,
+    VerifyCode,
+    VerifyResult,
+    evaluate,
+)
+
+# Codes of a key that exists but stopped working: presenting one trips the tripwire.
+_DEAD = frozenset({VerifyCode.REVOKED, VerifyCode.EXPIRED})
 
 
 class Verifier:
@@ -22,12 +31,14 @@ class Verifier:
         catalog: ScopeCatalog,
         clock: Clock,
         usage: UsageRecorder,
+        tripwire: TripwireRecorder | None = None,
     ) -> None:
         self._format = key_format
         self._lookup = lookup
         self._catalog = catalog
         self._clock = clock
         self._usage = usage
+        self._tripwire = tripwire
 
     def verify(
         self, caller: Caller, key: str, tenant_id: str, required_scopes: Sequence[str]
@@ -43,9 +54,11 @@ class Verifier:
                 reason="SCOPE_NOT_IN_CATALOG",
                 field=f"required_scopes[{list(required_scopes).index(unknown)}]",
             )
-        return self.check(key, tenant, required)
+        return self.check(key, tenant, required, presenter=caller.key_id)
 
-    def check(self, key: str, tenant_id: str, required: frozenset[str]) -> VerifyResult:
+    def check(
+        self, key: str, tenant_id: str, required: frozenset[str], presenter: str = ""
+    ) -> VerifyResult:
         if not key:
             return MISSING
         if not self._format.is_well_formed(key):
@@ -53,8 +66,12 @@ class Verifier:
         record = self._lookup.find_by_digest(digest(key))
         now = self._clock.now()
         result = evaluate(record, tenant_id, required, now)
-        if record is not None and result.valid:
-            self._usage.record(record.id, now)
+        if record is not None:
+            if result.valid:
+                self._usage.record(record.id, now)
+            elif result.code in _DEAD and self._tripwire is not None:
+                # The tripwire: the answer is unchanged; the presentation is noted off the path.
+                self._tripwire.record_presented(record.id, record.tenant_id, now, presenter)
         return result
 
     def authenticate(self, key: str | None) -> Caller:
@@ -76,6 +93,8 @@ class Verifier:
         # What evaluate() decides for a key in its own tenant with no scope required.
         state = key_state(record.revoked, record.expire_time, now)
         if state is not KeyState.ACTIVE:
+            if self._tripwire is not None:
+                self._tripwire.record_presented(record.id, record.tenant_id, now, record.id)
             raise Unauthenticated(
                 f"x-api-key {record.id} is {state.value}", reason=f"CALLER_KEY_{state.name}"
             )

@@ -5,8 +5,9 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from apikeys.v1 import api_key_pb2, key_verifier_pb2
+from apikeys.v1 import api_key_pb2, key_manager_pb2, key_verifier_pb2
 from apikeys_server.domain.errors import InvalidArgument
+from apikeys_server.domain.manager import LeakOutcome, LeakResult
 from apikeys_server.domain.ports import FeedUpdate
 from apikeys_server.domain.records import EventAction, KeyEvent, KeyRecord, KeyState, VerifyRecord
 from apikeys_server.domain.scopes import Scope
@@ -22,6 +23,8 @@ _ACTION = {
     EventAction.UPDATED: api_key_pb2.EVENT_ACTION_UPDATED,
     EventAction.ROTATED: api_key_pb2.EVENT_ACTION_ROTATED,
     EventAction.REVOKED: api_key_pb2.EVENT_ACTION_REVOKED,
+    EventAction.LEAKED: api_key_pb2.EVENT_ACTION_LEAKED,
+    EventAction.PRESENTED_AFTER_REVOCATION: api_key_pb2.EVENT_ACTION_PRESENTED_AFTER_REVOCATION,
 }
 _CODE = {
     VerifyCode.VALID: key_verifier_pb2.VERIFY_CODE_VALID,
@@ -81,6 +84,9 @@ def api_key(key: KeyRecord, now: datetime) -> api_key_pb2.ApiKey:
         replaced_by=key.replaced_by or "",
         rotated_from=key.rotated_from or "",
         revoke_reason=key.revoke_reason,
+        leak_source=key.leak_source,
+        leak_url=key.leak_url,
+        presented_after_revocation_count=key.presented_after_revocation_count,
     )
     if key.expire_time is not None:
         message.expire_time.CopyFrom(timestamp(key.expire_time))
@@ -88,6 +94,12 @@ def api_key(key: KeyRecord, now: datetime) -> api_key_pb2.ApiKey:
         message.revoke_time.CopyFrom(timestamp(key.revoke_time))
     if key.last_used_time is not None:
         message.last_used_time.CopyFrom(timestamp(key.last_used_time))
+    if key.leak_time is not None:
+        message.leak_time.CopyFrom(timestamp(key.leak_time))
+    if key.presented_after_revocation_time is not None:
+        message.presented_after_revocation_time.CopyFrom(
+            timestamp(key.presented_after_revocation_time)
+        )
     return message
 
 
@@ -203,4 +215,18 @@ def feed_update(update: FeedUpdate) -> key_verifier_pb2.WatchKeyChangesResponse:
         ],
         position=update.position,
         confirm_time=timestamp(update.confirm_time),
+    )
+
+
+_LEAK_OUTCOME = {
+    LeakOutcome.REVOKED: key_manager_pb2.LEAK_OUTCOME_REVOKED,
+    LeakOutcome.ALREADY_REVOKED: key_manager_pb2.LEAK_OUTCOME_ALREADY_REVOKED,
+    LeakOutcome.NOT_FOUND: key_manager_pb2.LEAK_OUTCOME_NOT_FOUND,
+    LeakOutcome.MALFORMED: key_manager_pb2.LEAK_OUTCOME_MALFORMED,
+}
+
+
+def leak_result(result: LeakResult) -> key_manager_pb2.LeakedKeyResult:
+    return key_manager_pb2.LeakedKeyResult(
+        hint=result.hint, outcome=_LEAK_OUTCOME[result.outcome], key_id=result.key_id
     )

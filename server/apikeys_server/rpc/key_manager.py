@@ -114,6 +114,18 @@ class KeyManagerServicer(key_manager_pb2_grpc.KeyManagerServicer):
         return convert.api_key(key, self._clock.now())
 
     @status_errors
+    def RevokeLeakedKeys(
+        self, request: key_manager_pb2.RevokeLeakedKeysRequest, context: grpc.ServicerContext
+    ) -> key_manager_pb2.RevokeLeakedKeysResponse:
+        caller = self._verifier.authenticate(caller_key(context))
+        results = self._manager.revoke_leaked(
+            caller, list(request.secrets), request.source, request.url
+        )
+        return key_manager_pb2.RevokeLeakedKeysResponse(
+            results=[convert.leak_result(result) for result in results]
+        )
+
+    @status_errors
     def ListScopes(
         self, request: key_manager_pb2.ListScopesRequest, context: grpc.ServicerContext
     ) -> key_manager_pb2.ListScopesResponse:

@@ -1,4 +1,5 @@
-"""Last-used times, gathered in memory on the Verify path and written in batches.
+"""Last-used times, gathered in memory on the Verify path and written in batches; likewise the
+tripwire (keys presented after they stopped working), with its audit events.
 
 Recording keeps the latest time per key in a dict under a lock; a background thread flushes
 every ``interval`` seconds (and on stop) with one batched UPDATE that never moves a time backwards.
@@ -7,12 +8,24 @@ every ``interval`` seconds (and on stop) with one batched UPDATE that never move
 import logging
 import threading
 import time
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from apikeys_server.domain.errors import Unavailable
-from apikeys_server.domain.ports import KeyStore
+from apikeys_server.domain.ports import KeyStore, Presented
 
 log = logging.getLogger(__name__)
+
+# At most one PRESENTED_AFTER_REVOCATION event a key this often (per process).
+EVENT_INTERVAL = timedelta(minutes=1)
+
+
+@dataclass
+class _Presentations:
+    tenant_id: str
+    time: datetime
+    count: int
+    presenter: str
 
 
 class LastUsedRecorder:
@@ -26,11 +39,60 @@ class LastUsedRecorder:
         self._thread: threading.Thread | None = None
         # When the gathered times were last all written (monotonic): the flush lag's origin.
         self.flushed_at = time.monotonic()
+        self._presented: dict[str, _Presentations] = {}
+        self._last_event: dict[str, datetime] = {}
 
     def pending(self) -> int:
         """Keys whose last-used time is gathered but not yet written."""
         with self._lock:
             return len(self._pending)
+
+    def record_presented(self, key_id: str, tenant_id: str, when: datetime, presenter: str) -> None:
+        with self._lock:
+            seen = self._presented.get(key_id)
+            if seen is None:
+                self._presented[key_id] = _Presentations(tenant_id, when, 1, presenter)
+                return
+            seen.count += 1
+            if seen.time <= when:
+                seen.time, seen.presenter = when, presenter
+
+    def flush_presented(self) -> int:
+        """Writes the tripwire's counts and the events due; on failure keeps them for the next
+        try. Returns keys written."""
+        with self._lock:
+            gathered, self._presented = self._presented, {}
+        if not gathered:
+            return 0
+        batch = []
+        for key_id, seen in gathered.items():
+            last = self._last_event.get(key_id)
+            event = last is None or seen.time - last >= EVENT_INTERVAL
+            batch.append(
+                Presented(key_id, seen.tenant_id, seen.time, seen.count, seen.presenter, event)
+            )
+        try:
+            self._store.record_presented(batch)
+        except Unavailable:
+            log.warning("could not write the tripwire of %d keys; will retry", len(batch))
+            with self._lock:
+                for key_id, seen in gathered.items():
+                    newer = self._presented.get(key_id)
+                    if newer is not None:
+                        newer.count += seen.count
+                        if seen.time > newer.time:
+                            newer.time, newer.presenter = seen.time, seen.presenter
+                    else:
+                        self._presented[key_id] = seen
+            return 0
+        for item in batch:
+            if item.event:
+                self._last_event[item.key_id] = item.time
+        # Forget event times older than the interval: the memory stays bounded.
+        newest = max(item.time for item in batch)
+        for key_id in [k for k, t in self._last_event.items() if newest - t >= EVENT_INTERVAL]:
+            del self._last_event[key_id]
+        return len(batch)
 
     def record(self, key_id: str, when: datetime) -> None:
         # Concurrent verifies may arrive out of order: keep the latest, never move back.
@@ -59,6 +121,7 @@ class LastUsedRecorder:
             log.warning("last-used times of %d keys not written: database unavailable", dropped)
             return
         self.flush()
+        self.flush_presented()
 
     def flush(self) -> int:
         """Writes what was gathered; on failure keeps it for the next try. Returns keys written."""
@@ -86,6 +149,7 @@ class LastUsedRecorder:
         while not self._stopping.wait(self._interval):
             try:
                 self.flush()
+                self.flush_presented()
             except Exception:
                 # Keep the thread alive: one bad batch must not stop every later flush.
                 log.exception("last-used flush failed; that batch is dropped")

@@ -61,6 +61,15 @@ class ApiKeyRow(Base):
     last_used_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
     replaced_by: Mapped[str | None] = mapped_column(String(40))
     rotated_from: Mapped[str | None] = mapped_column(String(40))
+    # Reported leaked (RevokeLeakedKeys): when, by whom, where (migration 0004).
+    leak_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    leak_source: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    leak_url: Mapped[str] = mapped_column(String(2048), default="", server_default="")
+    # The tripwire (migration 0004): presented after it stopped working; written in batches.
+    presented_after_revocation_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    presented_after_revocation_count: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0"
+    )
 
     __table_args__ = (Index("ix_api_keys_tenant_created", "tenant_id", "create_time", "id"),)
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -24,8 +25,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from apikeys_server.domain.errors import FailedPrecondition, Unavailable
+from apikeys_server.domain.manager import new_id
 from apikeys_server.domain.pagination import Cursor
-from apikeys_server.domain.ports import KeyQuery
+from apikeys_server.domain.ports import KeyQuery, Presented
 from apikeys_server.domain.records import (
     EventAction,
     FieldChange,
@@ -37,7 +39,7 @@ from apikeys_server.domain.records import (
 from apikeys_server.storage.database import Database
 from apikeys_server.storage.errors import database_errors
 from apikeys_server.storage.feed import append_changes, change_row
-from apikeys_server.storage.models import api_keys, key_events, key_requests
+from apikeys_server.storage.models import UTCDateTime, api_keys, key_events, key_requests
 
 # SQLSTATE query_canceled: the server's statement_timeout passed.
 _STATEMENT_TIMEOUT = "57014"
@@ -56,6 +58,11 @@ _KEY_COLUMNS = (
     api_keys.c.last_used_time,
     api_keys.c.replaced_by,
     api_keys.c.rotated_from,
+    api_keys.c.leak_time,
+    api_keys.c.leak_source,
+    api_keys.c.leak_url,
+    api_keys.c.presented_after_revocation_time,
+    api_keys.c.presented_after_revocation_count,
 )
 _SELECT_KEYS = select(*_KEY_COLUMNS)
 # What Verify reads (VerifyRecord): the digest is the one looked up; revoke_time only as a flag.
@@ -68,6 +75,7 @@ _VERIFY_COLUMNS = (
     api_keys.c.revoke_time,
 )
 _BY_DIGEST = select(*_VERIFY_COLUMNS).where(api_keys.c.digest == bindparam("digest"))
+_BY_DIGEST_FULL = _SELECT_KEYS.where(api_keys.c.digest == bindparam("digest"))
 _BY_ID = _SELECT_KEYS.where(
     api_keys.c.tenant_id == bindparam("tenant_id"), api_keys.c.id == bindparam("key_id")
 )
@@ -78,6 +86,26 @@ _TOUCH = (
         or_(api_keys.c.last_used_time.is_(None), api_keys.c.last_used_time < bindparam("used")),
     )
     .values(last_used_time=bindparam("used"))
+)
+_PRESENTED_AT = bindparam("presented", type_=UTCDateTime())
+_PRESENTED = (
+    update(api_keys)
+    .where(api_keys.c.id == bindparam("key_id"))
+    .values(
+        presented_after_revocation_count=api_keys.c.presented_after_revocation_count
+        + bindparam("count"),
+        presented_after_revocation_time=case(
+            (
+                or_(
+                    api_keys.c.presented_after_revocation_time.is_(None),
+                    api_keys.c.presented_after_revocation_time
+                    < bindparam("presented", type_=UTCDateTime()),
+                ),
+                _PRESENTED_AT,
+            ),
+            else_=api_keys.c.presented_after_revocation_time,
+        ),
+    )
 )
 _REQUEST_KEY = (key_requests.c.caller_tenant_id, key_requests.c.request_id)
 _CLAIM = {
@@ -125,6 +153,11 @@ def _to_record(row: Sequence[Any], scopes: frozenset[str] | None = None) -> KeyR
         last_used_time=row[10],
         replaced_by=row[11],
         rotated_from=row[12],
+        leak_time=row[13],
+        leak_source=row[14],
+        leak_url=row[15],
+        presented_after_revocation_time=row[16],
+        presented_after_revocation_count=row[17],
     )
 
 
@@ -205,6 +238,11 @@ def key_row(key: KeyRecord) -> dict[str, Any]:
         "last_used_time": key.last_used_time,
         "replaced_by": key.replaced_by,
         "rotated_from": key.rotated_from,
+        "leak_time": key.leak_time,
+        "leak_source": key.leak_source,
+        "leak_url": key.leak_url,
+        "presented_after_revocation_time": key.presented_after_revocation_time,
+        "presented_after_revocation_count": key.presented_after_revocation_count,
     }
 
 
@@ -244,12 +282,27 @@ class SqlTransaction:
         ).first()
         return None if row is None else _to_record(row)
 
+    def get_key_by_digest_for_update(self, digest: bytes) -> KeyRecord | None:
+        statement = _BY_DIGEST_FULL.with_for_update() if self._for_update else _BY_DIGEST_FULL
+        row = self._connection.execute(statement, {"digest": digest}).first()
+        return None if row is None else _to_record(row)
+
     def insert_key(self, key: KeyRecord) -> None:
         self._connection.execute(insert(api_keys), key_row(key))
 
     def update_key(self, key: KeyRecord) -> None:
         values = key_row(key)
-        for immutable in ("id", "tenant_id", "digest", "create_time", "hint", "last_used_time"):
+        # Written only by their own batched updates (last used, the tripwire).
+        for immutable in (
+            "id",
+            "tenant_id",
+            "digest",
+            "create_time",
+            "hint",
+            "last_used_time",
+            "presented_after_revocation_time",
+            "presented_after_revocation_count",
+        ):
             del values[immutable]
         self._connection.execute(update(api_keys).where(api_keys.c.id == key.id).values(**values))
 
@@ -427,6 +480,32 @@ class SqlKeyStore:
             positions = append_changes(connection, tx.changes, self._serialize_feed)
         if tx.changes:
             self._on_commit([change["digest"] for change in tx.changes], positions)
+
+    def record_presented(self, presented: Sequence[Presented]) -> None:
+        """Adds the tripwire's counts and latest times, and the events due, in one transaction."""
+        if not presented:
+            return
+        params = [{"key_id": p.key_id, "count": p.count, "presented": p.time} for p in presented]
+        with database_errors(), self._write.begin() as connection:
+            connection.execute(_PRESENTED, params)
+            tx = SqlTransaction(connection, for_update=False)
+            for p in presented:
+                if p.event:
+                    tx.insert_event(
+                        KeyEvent(
+                            new_id("evt"),
+                            p.time,
+                            p.tenant_id,
+                            p.key_id,
+                            EventAction.PRESENTED_AFTER_REVOCATION,
+                            p.presenter,
+                            (
+                                FieldChange(
+                                    "presented_after_revocation_time", "", p.time.isoformat()
+                                ),
+                            ),
+                        )
+                    )
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None:
         if not used:
