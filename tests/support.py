@@ -53,7 +53,9 @@ class RunningServer:
         return f"127.0.0.1:{self.app.port}"
 
     def client(self, api_key: str | None = None) -> ApiKeysClient:
-        return ApiKeysClient(self.target, api_key or self.admin_key, timeout=10)
+        # No client retries: the tests judge the server's own answers (an UNAVAILABLE must
+        # show as one, not as a slower success or a deadline after the client's retries).
+        return ApiKeysClient(self.target, api_key or self.admin_key, timeout=10, retries=False)
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)

@@ -145,6 +145,7 @@ class ServerProcess:
             self.secrets,
             timeout=timeout,
             credentials=self.credentials,
+            retries=False,  # the tests judge the server's own answers
         )
 
     def channel(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:

@@ -205,7 +205,8 @@ class TestReadme:
             )
             assert done.returncode == 0, f"{script}\n---\n{done.stdout}\n{done.stderr}"
         monkeypatch.chdir(certificates.directory)
-        code = python_examples()[1].replace("localhost:50051", mtls_server.target)
+        [example] = [block for block in python_examples() if "tls_credentials" in block]
+        code = example.replace("localhost:50051", mtls_server.target)
         exec(compile(code, "README.md", "exec"), {"ADMIN": mtls_server.admin_key})
         assert int(capsys.readouterr().out) > 0
 
