@@ -1,5 +1,7 @@
 """The tripwire: keys presented after they stopped working, on SQLite and PostgreSQL."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -96,3 +98,39 @@ def test_updates_keep_the_tripwire(server: RunningServer) -> None:
         key = client.get_key(created.key.id, tenant_id="acme")
     assert key.presented_after_revocation_count == 1
     assert key.leak_source == "scan"
+
+
+FLOOD_CALLS = 10_000
+FLOOD_THREADS = 8
+
+
+def test_a_flood_counts_every_presentation_and_logs_one_event(server: RunningServer) -> None:
+    """10 000 presentations of a revoked key from 8 threads, flushed while they run: the count
+    is exact and the audit trail has one event (all within the same minute)."""
+    with server.client() as client:
+        created = client.create_key("leaked-svc", ["passes:read"], tenant_id="acme")
+        client.revoke_key(created.key.id, tenant_id="acme")
+    flooding = threading.Event()
+    flooding.set()
+
+    def flush_meanwhile() -> None:
+        while flooding.is_set():
+            _flush(server)
+
+    def flood(calls: int) -> None:
+        with server.client() as client:
+            for _ in range(calls):
+                code = client.verify(created.secret, tenant_id="acme").code
+                assert code == key_verifier_pb2.VERIFY_CODE_REVOKED
+
+    flusher = threading.Thread(target=flush_meanwhile)
+    flusher.start()
+    with ThreadPoolExecutor(FLOOD_THREADS) as pool:
+        list(pool.map(flood, [FLOOD_CALLS // FLOOD_THREADS] * FLOOD_THREADS))
+    flooding.clear()
+    flusher.join()
+    _flush(server)
+    with server.client() as client:
+        key = client.get_key(created.key.id, tenant_id="acme")
+    assert key.presented_after_revocation_count == FLOOD_CALLS
+    assert len(_presented_events(server, created.key.id)) == 1
