@@ -18,7 +18,7 @@ SERVER_ONLY = {
     "grpcio-reflection",
     "xds-protos",
 }
-CLIENT = {"grpcio", "protobuf", "grpcio-status", "googleapis-common-protos"}
+CLIENT = {"grpcio", "protobuf", "grpcio-status", "googleapis-common-protos", "click"}
 
 
 def _requirements() -> dict[str, list[str]]:
