@@ -67,17 +67,18 @@ def current_identity() -> Identity | None:
 
 
 class _Base:
+    _adapter: str  # names the adapter in its log lines
+
     def __init__(
         self,
         verifier: Verifier | AsyncVerifier,
         *,
-        tenant_id: str | Callable[[str], str],
+        tenant_id: str | Callable[[str], str] = "",
         scopes: Mapping[str, ScopeValue] | Callable[[str], ScopeValue],
-        header: str,
-        unmapped: Unmapped,
-        timeout: float,
-        fail_open: bool,
-        adapter: str,
+        header: str = DEFAULT_HEADER,
+        unmapped: Unmapped = "deny",
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        fail_open: bool = False,
     ) -> None:
         self._tenant = tenant_id
         self._unmapped = unmapped
@@ -88,7 +89,7 @@ class _Base:
             self._scopes_of = None
             self._methods = {method: callable_scopes(value) for method, value in scopes.items()}
         self.gate = Gate(
-            verifier, header=header, timeout=timeout, fail_open=fail_open, adapter=adapter
+            verifier, header=header, timeout=timeout, fail_open=fail_open, adapter=self._adapter
         )
 
     def _required(self, method: str) -> tuple[str, ...] | Literal[False] | None:
@@ -110,27 +111,7 @@ class _Base:
 class ApiKeyInterceptor(_Base, _SyncInterceptor):
     """For the synchronous ``grpc.server``."""
 
-    def __init__(
-        self,
-        verifier: Verifier | AsyncVerifier,
-        *,
-        tenant_id: str | Callable[[str], str] = "",
-        scopes: Mapping[str, ScopeValue] | Callable[[str], ScopeValue],
-        header: str = DEFAULT_HEADER,
-        unmapped: Unmapped = "deny",
-        timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        fail_open: bool = False,
-    ) -> None:
-        super().__init__(
-            verifier,
-            tenant_id=tenant_id,
-            scopes=scopes,
-            header=header,
-            unmapped=unmapped,
-            timeout=timeout,
-            fail_open=fail_open,
-            adapter="apikeys gRPC interceptor",
-        )
+    _adapter = "apikeys gRPC interceptor"
 
     def intercept_service(
         self,
@@ -220,27 +201,7 @@ def _wrap_sync(
 class AsyncApiKeyInterceptor(_Base, _AsyncInterceptor):
     """For ``grpc.aio.server``; an async verifier is awaited, a sync one runs in a thread."""
 
-    def __init__(
-        self,
-        verifier: Verifier | AsyncVerifier,
-        *,
-        tenant_id: str | Callable[[str], str] = "",
-        scopes: Mapping[str, ScopeValue] | Callable[[str], ScopeValue],
-        header: str = DEFAULT_HEADER,
-        unmapped: Unmapped = "deny",
-        timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        fail_open: bool = False,
-    ) -> None:
-        super().__init__(
-            verifier,
-            tenant_id=tenant_id,
-            scopes=scopes,
-            header=header,
-            unmapped=unmapped,
-            timeout=timeout,
-            fail_open=fail_open,
-            adapter="apikeys gRPC aio interceptor",
-        )
+    _adapter = "apikeys gRPC aio interceptor"
 
     async def intercept_service(
         self,
