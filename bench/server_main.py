@@ -18,11 +18,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
+import grpc
+
+from apikeys_server import app
 from apikeys_server.app import create_server
 from apikeys_server.config import Settings
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
+from bench import echo
 from bench.echo import EchoVerifier, echo_server
 
 # Parts of the Verify path that ``python -m bench.segments`` can time inside the server:
@@ -84,8 +89,23 @@ def _segment_clocks(names: str) -> dict[str, HandlerClock]:
     return clocks
 
 
+def _stock_transport() -> None:
+    """``BENCH_TRANSPORT=stock``: gRPC's own thread pool (a call takes a thread from its
+    start, the queue is unbounded): the server as it was before rpc/dispatch.py, with the
+    same options, for before/after figures from one run."""
+
+    def stock_server(settings: Settings) -> grpc.Server:
+        pool = futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="rpc")
+        return grpc.server(pool, options=app.server_options(settings))
+
+    for module in (app, echo):
+        setattr(module, "make_grpc_server", stock_server)  # noqa: B010
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0] if argv else "verify"
+    if os.environ.get("BENCH_TRANSPORT", "dispatch") == "stock":
+        _stock_transport()
     settings = Settings.from_env(os.environ, listen="127.0.0.1:0")
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr)
     clock = HandlerClock()

@@ -3,7 +3,6 @@
 import logging
 import threading
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ from apikeys_server.domain.ports import ChangeSource
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.verifier import Verifier
 from apikeys_server.logs import REFUSED_CALLERS
-from apikeys_server.rpc import ext_authz
+from apikeys_server.rpc import dispatch, ext_authz
 from apikeys_server.rpc.key_manager import KeyManagerServicer
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from apikeys_server.rpc.reflection import enable_reflection
@@ -175,14 +174,32 @@ def build_services(
 def make_grpc_server(settings: Settings) -> grpc.Server:
     """The gRPC server every App runs on; the benchmark's echo ceiling is built with it too.
 
-    Several processes share one port through SO_REUSEPORT (the kernel spreads connections);
-    a single process leaves it off, so a port another server holds fails loudly at start.
+    Calls reach the ``workers`` threads only once their request is complete, and the excess
+    is refused instead of queued (rpc/dispatch.py); requests, streams per connection and
+    keepalive pings are bounded by the settings. Several processes share one port through
+    SO_REUSEPORT (the kernel spreads connections); a single process leaves it off, so a port
+    another server holds fails loudly at start.
     """
-    reuse_port = 1 if settings.processes > 1 else 0
-    return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-        options=[("grpc.so_reuseport", reuse_port)],
-    )
+    dispatch.install()
+    pool = dispatch.Dispatcher(settings.workers, settings.max_queued_calls, settings.max_streams)
+    return grpc.server(pool, options=server_options(settings))
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.min_client_ping_seconds)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 class App:
@@ -208,7 +225,7 @@ class App:
             KeyVerifierServicer(
                 self.services.verifier,
                 self.services.changes,
-                max(1, settings.workers // 2),
+                max(1, settings.max_streams * 3 // 4),  # the rest for health and reflection
                 self.metrics.count_verify if self.metrics is not None else None,
             ),
             self.metrics,

@@ -128,6 +128,47 @@ class Settings:
     processes: int = setting(
         1, flag="--processes", help="server processes on the address", low=1, high=MAX_PROCESSES
     )
+    # Limits that hold under abuse and overload (rpc/dispatch.py, app.make_grpc_server): a
+    # call reaches a worker only once its request is complete; a complete one is refused
+    # (RESOURCE_EXHAUSTED) rather than queued past its deadline or past max_queued_calls.
+    max_queued_calls: int = setting(
+        256, help="complete calls waiting for a worker before more are refused", low=1, high=100_000
+    )
+    max_streams: int = setting(
+        64,
+        help="open streams (watches, reflection) at once, on threads of their own",
+        low=1,
+        high=10_000,
+    )
+    max_request_bytes: int = setting(
+        65_536, help="largest request message", low=1024, high=64 * 1024 * 1024, unit="bytes"
+    )
+    max_streams_per_connection: int = setting(
+        100, help="concurrent HTTP/2 streams a connection may open", low=1, high=10_000
+    )
+    # The server pings idle connections to find dead peers; clients may ping it no more often
+    # than min_client_ping_seconds (the Python client pings every 30 s), else they are cut off.
+    keepalive_seconds: float = setting(
+        60.0,
+        help="ping a connection after this long without activity",
+        low=1,
+        high=DAY,
+        **_SECONDS,
+    )
+    keepalive_timeout_seconds: float = setting(
+        20.0,
+        help="close a connection whose ping is unanswered this long",
+        low=1,
+        high=3600,
+        **_SECONDS,
+    )
+    min_client_ping_seconds: float = setting(
+        20.0,
+        help="shortest interval between a client's keepalive pings",
+        low=1,
+        high=DAY,
+        **_SECONDS,
+    )
     # Server TLS (with both files), and client certificates required when a CA is given.
     # Files are re-read when they change (tls.py).
     tls_cert_file: Path | None = setting(

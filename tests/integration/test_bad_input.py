@@ -23,7 +23,9 @@ from apikeys_server.domain.key_format import KeyFormat
 from tests.support import RunningServer, running_server, server_settings
 
 TENANT = "acme"
-MIB = 1 << 20
+# Just under the 64 KiB request limit (APIKEYS_MAX_REQUEST_BYTES): fields that long are
+# refused by validation, not by the transport.
+LONG = 60 * 1024
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 OK = grpc.StatusCode.OK
@@ -83,7 +85,7 @@ BAD_NAMES = {
     "slash": "crm/sync",
     "nul": "crm\x00sync",
     "newline": "crm-sync\n",
-    "1MiB": "a" * MIB,
+    "60KiB": "a" * LONG,
 }
 BAD_TENANTS = {
     "leading-underscore": "_acme",
@@ -93,7 +95,7 @@ BAD_TENANTS = {
     "unicode": "äcme",
     "slash": "acme/other",
     "nul": "acme\x00",
-    "1MiB": "a" * MIB,
+    "60KiB": "a" * LONG,
 }
 BAD_KEY_IDS = {
     "empty": "",
@@ -104,13 +106,13 @@ BAD_KEY_IDS = {
     "unicode": "key_é",
     "nul": "key_a\x00b",
     "sql": "key_a' OR '1'='1",
-    "1MiB": "key_" + "a" * MIB,
+    "60KiB": "key_" + "a" * LONG,
 }
 BAD_TOKENS = {
     "garbage": "!!!!",
     "not-base64-json": "abcd",
     "unicode": "страница",
-    "1MiB": "A" * MIB,
+    "60KiB": "A" * LONG,
     "json-null": _token(None),
     "json-list": _token([1, 2]),
     "missing-fields": _token({"q": "x"}),
@@ -131,8 +133,8 @@ def _cases() -> Iterator[object]:
     yield case(
         "verify-empty-key", "Verify", _verify(key=""), OK, key_verifier_pb2.VERIFY_CODE_MISSING
     )
-    yield case("verify-1MiB-key", "Verify", _verify(key="a" * MIB), OK, malformed)
-    yield case("verify-1MiB-prefixed-key", "Verify", _verify(key="ak_" + "A" * MIB), OK, malformed)
+    yield case("verify-60KiB-key", "Verify", _verify(key="a" * LONG), OK, malformed)
+    yield case("verify-60KiB-prefixed-key", "Verify", _verify(key="ak_" + "A" * LONG), OK, malformed)
     yield case("verify-unicode-key", "Verify", _verify(key="ak_ключключключ"), OK, malformed)
     yield case("verify-emoji-key", "Verify", _verify(key=valid[:-1] + "🔑"), OK, malformed)
     yield case(
@@ -148,7 +150,7 @@ def _cases() -> Iterator[object]:
         mentions="passes:wirte",
     )
     yield case(
-        "verify-1MiB-required-scope", "Verify", _verify(required_scopes=["p" * MIB]), INVALID
+        "verify-60KiB-required-scope", "Verify", _verify(required_scopes=["p" * LONG]), INVALID
     )
     yield case(
         "verify-missing-tenant", "Verify", _verify(tenant_id=""), INVALID, mentions="tenant_id"
@@ -167,7 +169,7 @@ def _cases() -> Iterator[object]:
     yield case("create-no-scopes", "CreateKey", _create(scopes=[]), INVALID, mentions="scope")
     yield case("create-empty-scope", "CreateKey", _create(scopes=[""]), INVALID)
     yield case("create-unicode-scope", "CreateKey", _create(scopes=["pässes:read"]), INVALID)
-    yield case("create-1MiB-scope", "CreateKey", _create(scopes=["p" * MIB]), INVALID)
+    yield case("create-60KiB-scope", "CreateKey", _create(scopes=["p" * LONG]), INVALID)
     yield case(
         "create-too-many-scopes",
         "CreateKey",
@@ -235,7 +237,7 @@ def _cases() -> Iterator[object]:
     yield case(
         "revoke-reason-257-chars", "RevokeKey", _revoke(reason="r" * 257), INVALID, mentions="256"
     )
-    yield case("revoke-reason-1MiB", "RevokeKey", _revoke(reason="r" * MIB), INVALID)
+    yield case("revoke-reason-60KiB", "RevokeKey", _revoke(reason="r" * LONG), INVALID)
     yield case(
         "revoke-reason-256-chars-passes-validation",
         "RevokeKey",
@@ -307,6 +309,19 @@ class TestBadInputTable:
             assert response.code == case.verify_code
             assert not response.valid
             assert response.http_status == 401
+
+
+class TestRequestSizeLimit:
+    @pytest.mark.parametrize("rpc", ["Verify", "CreateKey"])
+    def test_a_request_over_the_limit_is_refused_with_the_sizes(
+        self, server: RunningServer, rpc: str
+    ) -> None:
+        """A 1 MiB request answers RESOURCE_EXHAUSTED naming its size and the limit."""
+        request = _verify(key="a" * (1 << 20)) if rpc == "Verify" else _create(name="n" * (1 << 20))
+        with server.channel() as channel:
+            code, details, _ = _invoke(server, channel, rpc, request)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "65536" in details, details
 
 
 # -- fuzz ----------------------------------------------------------------------------------------
