@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
 .PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-rss \
-	bench-smoke bench-propagation bench-faults clean buf contract buf-lint buf-breaking contract-baseline
+	bench-smoke bench-propagation bench-faults bench-tripwire clean buf contract buf-lint buf-breaking contract-baseline
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,10 @@ bench-propagation: $(STAMP)
 # One serve process behind a TCP proxy: stopped, blackholed, past the staleness bound, recovered.
 bench-faults: $(STAMP)
 	$(BIN)/python -m bench faults
+
+# Cache-hit Verify of valid keys vs. a flood of one revoked key, on one server (under a minute).
+bench-tripwire: $(STAMP)
+	$(BIN)/python -m bench tripwire
 
 # Only the memory figure: RSS with 100 000 keys in the Verify cache (about 30 s).
 bench-rss: $(STAMP)

@@ -90,3 +90,18 @@ def unknown_fresh(caller: str, position: int) -> Workload:
         return [(request(key), answer) for key in unknown_keys(count)]
 
     return Workload(caller, make, "a new unknown key every call")
+
+
+def revoked(caller: str, key: BenchKey, position: int) -> Workload:
+    """One revoked key, every call: the tripwire's flood (REVOKED, the key named)."""
+    answer = key_verifier_pb2.VerifyResponse(
+        valid=False,
+        code=key_verifier_pb2.VERIFY_CODE_REVOKED,
+        http_status=401,
+        key_id=key.record.id,
+        tenant_id=TENANT,
+        name=key.record.name,
+        scopes=sorted(GRANTED),
+        feed_position=position,
+    ).SerializeToString()
+    return Workload(caller, _cycle([(request(key.secret), answer)]), "1 revoked key, every call")

@@ -2,12 +2,13 @@
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from apikeys_server.domain.errors import Unavailable
+from apikeys_server.domain.ports import Presented
 from apikeys_server.storage.last_used import LastUsedRecorder
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -17,10 +18,14 @@ LONG = 3600.0
 
 
 class FakeStore:
-    """Only the touch_last_used part of the KeyStore port, recording each batch."""
+    """The touch_last_used and record_presented parts of the KeyStore port, recording each batch."""
 
     def __init__(self) -> None:
         self.batches: list[dict[str, datetime]] = []
+        self.presented: list[list[Presented]] = []
+        # Whether the database would give an asked-for tripwire event (False: another process
+        # wrote one within the minute).
+        self.grant = True
         self.fail_next = 0
         self.during_write: Callable[[], None] | None = None
         self.written = threading.Event()
@@ -34,6 +39,13 @@ class FakeStore:
             raise Unavailable("database down")
         self.batches.append(dict(used))
         self.written.set()
+
+    def record_presented(self, presented: Sequence[Presented]) -> set[str]:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise Unavailable("database down")
+        self.presented.append(list(presented))
+        return {p.key_id for p in presented if p.event and self.grant}
 
 
 @pytest.fixture
@@ -219,3 +231,50 @@ class TestLifecycle:
         recorder.flush()
         written = {key for batch in store.batches for key in batch}
         assert len(written) == 2000
+
+
+class TestTripwire:
+    def _present(self, recorder: LastUsedRecorder, when: datetime, times: int = 1) -> None:
+        for _ in range(times):
+            recorder.record_presented("key_a", "acme", when, "key_gw")
+
+    def test_presentations_are_counted_and_the_latest_kept(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """Presentations between flushes collapse into one count and the latest time."""
+        self._present(recorder, T1, 3)
+        self._present(recorder, T0)
+        assert recorder.flush_presented() == 1
+        assert store.presented == [[Presented("key_a", "acme", T1, 4, "key_gw", True)]]
+
+    def test_no_event_asked_within_a_minute_of_one_written(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """After an event the database gave, this process does not ask again for a minute."""
+        for seconds in (0, 59, 60):
+            self._present(recorder, T0 + timedelta(seconds=seconds))
+            recorder.flush_presented()
+        assert [batch[0].event for batch in store.presented] == [True, False, True]
+
+    def test_an_event_refused_by_the_database_is_asked_for_again(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """When another process holds this minute's event, the next flush asks once more: only
+        the database knows when that minute ends."""
+        store.grant = False
+        self._present(recorder, T0)
+        recorder.flush_presented()
+        self._present(recorder, T1)
+        recorder.flush_presented()
+        assert [batch[0].event for batch in store.presented] == [True, True]
+
+    def test_a_failed_flush_keeps_the_count(
+        self, store: FakeStore, recorder: LastUsedRecorder
+    ) -> None:
+        """When the store is Unavailable, the presentations are added to the next flush."""
+        self._present(recorder, T0, 2)
+        store.fail_next = 1
+        assert recorder.flush_presented() == 0
+        self._present(recorder, T1)
+        recorder.flush_presented()
+        assert store.presented == [[Presented("key_a", "acme", T1, 3, "key_gw", True)]]

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from apikeys_server.domain.pagination import Cursor
@@ -33,12 +33,18 @@ class TripwireRecorder(Protocol):
     ) -> None: ...
 
 
+# At most one PRESENTED_AFTER_REVOCATION event a key this often, across every process and
+# replica on one database (KeyStore.record_presented decides, in the database).
+EVENT_INTERVAL = timedelta(minutes=1)
+
+
 @dataclass(frozen=True, slots=True)
 class Presented:
     """A key's presentations after it stopped working, gathered since the last flush.
 
     ``presenter``: the key id of the caller that presented it last; ``event``: whether this
-    flush writes a PRESENTED_AFTER_REVOCATION event (at most one a key a minute)."""
+    process asks for a PRESENTED_AFTER_REVOCATION event (it wrote none for the key within
+    EVENT_INTERVAL); the store writes it only if no process did."""
 
     key_id: str
     tenant_id: str
@@ -100,7 +106,11 @@ class KeyStore(KeyLookup, Protocol):
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None: ...
 
-    def record_presented(self, presented: Sequence[Presented]) -> None: ...
+    def record_presented(self, presented: Sequence[Presented]) -> set[str]:
+        """Adds each key's count and latest time (increments, so every process's presentations
+        count); for those asking for an event, writes one only if the key's last event, by any
+        process, is at least EVENT_INTERVAL older than ``time``. Returns the keys given one."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,9 +99,6 @@ class VerifyRecord:
             cached_until=until,
         )
 
-    def state(self, now: datetime) -> KeyState:
-        return key_state(self.revoked, self.expire_time, now)
-
 
 def key_state(revoked: bool, expire_time: datetime | None, now: datetime) -> KeyState:
     """The one rule for a key's state, whichever record holds the key."""

@@ -3,21 +3,23 @@ tripwire (keys presented after they stopped working), with its audit events.
 
 Recording keeps the latest time per key in a dict under a lock; a background thread flushes
 every ``interval`` seconds (and on stop) with one batched UPDATE that never moves a time backwards.
+
+The tripwire's "one event a key a minute" is decided by the database at flush time (the store
+claims the key's event time with a conditional UPDATE), so it holds across processes and
+replicas. The times this process wrote events at only spare the database a claim that would
+fail: a key evented here within the minute does not ask.
 """
 
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from apikeys_server.domain.errors import Unavailable
-from apikeys_server.domain.ports import KeyStore, Presented
+from apikeys_server.domain.ports import EVENT_INTERVAL, KeyStore, Presented
 
 log = logging.getLogger(__name__)
-
-# At most one PRESENTED_AFTER_REVOCATION event a key this often (per process).
-EVENT_INTERVAL = timedelta(minutes=1)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class LastUsedRecorder:
                 Presented(key_id, seen.tenant_id, seen.time, seen.count, seen.presenter, event)
             )
         try:
-            self._store.record_presented(batch)
+            evented = self._store.record_presented(batch)
         except Unavailable:
             log.warning("could not write the tripwire of %d keys; will retry", len(batch))
             with self._lock:
@@ -86,7 +88,7 @@ class LastUsedRecorder:
                         self._presented[key_id] = seen
             return 0
         for item in batch:
-            if item.event:
+            if item.key_id in evented:
                 self._last_event[item.key_id] = item.time
         # Forget event times older than the interval: the memory stays bounded.
         newest = max(item.time for item in batch)

@@ -70,6 +70,9 @@ class ApiKeyRow(Base):
     presented_after_revocation_count: Mapped[int] = mapped_column(
         Integer, default=0, server_default="0"
     )
+    # When the last PRESENTED_AFTER_REVOCATION event was written (migration 0005): claimed by a
+    # conditional UPDATE, so processes and replicas agree on one event a key a minute.
+    presented_event_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_api_keys_tenant_created", "tenant_id", "create_time", "id"),)
 

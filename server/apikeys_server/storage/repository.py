@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from apikeys_server.domain.errors import FailedPrecondition, Unavailable
 from apikeys_server.domain.manager import new_id
 from apikeys_server.domain.pagination import Cursor
-from apikeys_server.domain.ports import KeyQuery, Presented
+from apikeys_server.domain.ports import EVENT_INTERVAL, KeyQuery, Presented
 from apikeys_server.domain.records import (
     EventAction,
     FieldChange,
@@ -106,6 +106,21 @@ _PRESENTED = (
             else_=api_keys.c.presented_after_revocation_time,
         ),
     )
+)
+# The tripwire's event, claimed in the database: the row's event time moves only if the last
+# event (by any process or replica) is at least EVENT_INTERVAL old. On PostgreSQL a concurrent
+# claim waits for the row lock and then re-checks the condition against the committed time, so
+# of two flushes at once exactly one matches; SQLite serialises the writers.
+_CLAIM_EVENT = (
+    update(api_keys)
+    .where(
+        api_keys.c.id == bindparam("key_id"),
+        or_(
+            api_keys.c.presented_event_time.is_(None),
+            api_keys.c.presented_event_time <= bindparam("due_before", type_=UTCDateTime()),
+        ),
+    )
+    .values(presented_event_time=_PRESENTED_AT)
 )
 _REQUEST_KEY = (key_requests.c.caller_tenant_id, key_requests.c.request_id)
 _CLAIM = {
@@ -481,35 +496,46 @@ class SqlKeyStore:
         if tx.changes:
             self._on_commit([change["digest"] for change in tx.changes], positions)
 
-    def record_presented(self, presented: Sequence[Presented]) -> None:
-        """Adds the tripwire's counts and latest times, and the events due, in one transaction."""
+    def record_presented(self, presented: Sequence[Presented]) -> set[str]:
+        """Adds the tripwire's counts and latest times, and claims and writes the events due,
+        in one transaction (see the KeyStore port). Rows in key order: two processes flushing
+        the same keys lock them in the same order and never deadlock."""
         if not presented:
-            return
-        params = [{"key_id": p.key_id, "count": p.count, "presented": p.time} for p in presented]
+            return set()
+        ordered = sorted(presented, key=lambda p: p.key_id)
+        params = [{"key_id": p.key_id, "count": p.count, "presented": p.time} for p in ordered]
+        evented: set[str] = set()
         with database_errors(), self._write.begin() as connection:
             connection.execute(_PRESENTED, params)
             tx = SqlTransaction(connection, for_update=False)
-            for p in presented:
-                if p.event:
-                    tx.insert_event(
-                        KeyEvent(
-                            new_id("evt"),
-                            p.time,
-                            p.tenant_id,
-                            p.key_id,
-                            EventAction.PRESENTED_AFTER_REVOCATION,
-                            p.presenter,
-                            (
-                                FieldChange(
-                                    "presented_after_revocation_time", "", p.time.isoformat()
-                                ),
-                            ),
-                        )
+            for p in ordered:
+                if not p.event:
+                    continue
+                claim = {
+                    "key_id": p.key_id,
+                    "presented": p.time,
+                    "due_before": p.time - EVENT_INTERVAL,
+                }
+                if not connection.execute(_CLAIM_EVENT, claim).rowcount:
+                    continue  # another process wrote this key's event within the interval
+                evented.add(p.key_id)
+                tx.insert_event(
+                    KeyEvent(
+                        new_id("evt"),
+                        p.time,
+                        p.tenant_id,
+                        p.key_id,
+                        EventAction.PRESENTED_AFTER_REVOCATION,
+                        p.presenter,
+                        (FieldChange("presented_after_revocation_time", "", p.time.isoformat()),),
                     )
+                )
+        return evented
 
     def touch_last_used(self, used: Mapping[str, datetime]) -> None:
         if not used:
             return
-        params = [{"key_id": key_id, "used": when} for key_id, when in used.items()]
+        # In key order, like record_presented: two processes' batches never deadlock.
+        params = [{"key_id": key_id, "used": when} for key_id, when in sorted(used.items())]
         with database_errors(), self._write.begin() as connection:
             connection.execute(_TOUCH, params)
