@@ -6,7 +6,10 @@ Starlette routes (``app.py``), Jinja2 templates, htmx (``static/htmx.min.js``, v
 server-side session store (``session.py``) and CSRF tokens (``csrf.py``); served by uvicorn.
 """
 
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 
 import grpc
 import uvicorn
@@ -50,5 +53,20 @@ def serve(settings: ConsoleSettings) -> int:
         proxy_headers=False,
     )
     log.info("console on %s for the service at %s", settings.listen, settings.target)
-    uvicorn.Server(config).run()
+    _Server(config).run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT start the graceful shutdown, as uvicorn's own handlers do, but are
+        not raised again afterwards: a console that stopped cleanly when asked exits 0, like
+        ``serve``."""
+        stops = (signal.SIGINT, signal.SIGTERM)
+        previous = {stop: signal.signal(stop, self.handle_exit) for stop in stops}
+        try:
+            yield
+        finally:
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)

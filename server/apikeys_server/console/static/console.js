@@ -4,8 +4,8 @@
 "use strict";
 
 function confirmFirst(event) {
-  const form = event.target.closest("form[data-confirm]");
-  if (form && !window.confirm(form.dataset.confirm)) {
+  const asking = event.target.closest("[data-confirm]");
+  if (asking && !window.confirm(asking.dataset.confirm)) {
     event.preventDefault();
   }
 }
@@ -27,14 +27,14 @@ function copySecret(button) {
 function openSecretDialog() {
   const dialog = document.querySelector("dialog[data-modal]");
   if (!dialog) return;
-  const form = dialog.querySelector("form[data-confirm]");
+  const close = dialog.querySelector("a[data-confirm]");
   dialog.close();
   dialog.showModal();
-  // Escape would close it without a word: ask first, as the close button does.
+  // Escape would close it without a word: ask first, as the close link does.
   dialog.addEventListener("cancel", (event) => {
     event.preventDefault();
-    if (form && window.confirm(form.dataset.confirm)) {
-      form.submit();
+    if (close && window.confirm(close.dataset.confirm)) {
+      window.location.assign(close.href);
     }
   });
 }
@@ -43,5 +43,6 @@ document.addEventListener("submit", confirmFirst);
 document.addEventListener("click", (event) => {
   const button = event.target.closest("button[data-copy]");
   if (button) copySecret(button);
+  if (event.target.closest("a[data-confirm]")) confirmFirst(event);
 });
 document.addEventListener("DOMContentLoaded", openSecretDialog);
