@@ -130,6 +130,7 @@ def chromium(width: int = 1280, height: int = 900) -> webdriver.Chrome:
         "--disable-dev-shm-usage",
         "--disable-gpu",
         "--no-first-run",
+        "--hide-scrollbars",
         f"--window-size={width},{height}",
         "--lang=en-US",
     ):
