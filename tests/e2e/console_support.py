@@ -7,6 +7,7 @@ downloaded: ``apt-get install chromium chromium-driver`` (.ci/run does it).
 
 import http.client
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -35,10 +36,12 @@ class ConsoleProcess:
     process: "subprocess.Popen[bytes]"
     port: int
     log_path: Path
+    # Set for a console serving HTTPS: how to trust its certificate.
+    https: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -60,7 +63,11 @@ class ConsoleProcess:
         cookie: str = "",
     ) -> tuple[int, dict[str, str], str]:
         """One HTTP request outside the browser (no redirects followed): status, headers, body."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        connection = (
+            http.client.HTTPSConnection("127.0.0.1", self.port, timeout=15, context=self.https)
+            if self.https is not None
+            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        )
         headers = {"cookie": cookie} if cookie else {}
         body = None
         if form is not None:
@@ -76,7 +83,9 @@ class ConsoleProcess:
             connection.close()
 
 
-def start_console(target: str, log_dir: Path, *args: str) -> ConsoleProcess:
+def start_console(
+    target: str, log_dir: Path, *args: str, https: ssl.SSLContext | None = None
+) -> ConsoleProcess:
     """``apikeys-server console`` on a free port, for the service at ``target``; waits for it."""
     port = free_port()
     log_path = log_dir / f"console-{port}.log"
@@ -98,7 +107,7 @@ def start_console(target: str, log_dir: Path, *args: str) -> ConsoleProcess:
             stderr=subprocess.STDOUT,
             env=clean_env(),
         )
-    console = ConsoleProcess(process, port, log_path)
+    console = ConsoleProcess(process, port, log_path, https)
     deadline = time.monotonic() + READY_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:

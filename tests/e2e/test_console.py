@@ -7,6 +7,7 @@ share them, as an operator's session would (about 15 s here).
 """
 
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from apikeys.v1 import key_verifier_pb2
+from tests.certs import Certificates
 from tests.e2e.conftest import ServerProcess, assert_no_secrets, free_port, start_server
 from tests.e2e.console_support import (
     ConsoleProcess,
@@ -36,6 +38,7 @@ TENANT = "acme"
 OTHER_TENANT = "globex"
 ADMIN_SCOPES = ["apikeys:manage", "apikeys:read"]
 MAX_TABS = 60
+PAGE_SIZE = 20  # the console's keys per page
 # Form controls without a label (or aria-label/-labelledby), and buttons without words.
 UNLABELLED = """
 return Array.from(document.querySelectorAll("input, select, textarea, button"))
@@ -369,6 +372,64 @@ def test_a_platform_key_picks_the_tenant(world: World) -> None:
     browser.find_element(By.CSS_SELECTOR, "form[action='/tenant'] button").click()
     wait_for(browser, "#keys-table")
     assert world.other_key_name in world.page()
+
+
+def test_pages_of_keys(world: World) -> None:
+    """More keys than a page: Next page (ListKeys' page token), then back to the first."""
+    with world.server.client() as client:
+        for number in range(PAGE_SIZE + 1):
+            client.create_key(f"bulk-{number:02}", ["passes:read"], tenant_id=OTHER_TENANT)
+    browser = world.browser
+    world.visit("/keys?prefix=bulk-", "#keys-table")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr")
+    assert len(rows) == PAGE_SIZE and "bulk-20" in rows[0].text  # newest first
+    browser.find_element(By.CSS_SELECTOR, "a[rel='next']").click()
+    wait_for(browser, "#keys-table")
+    _wait(lambda: "page=" in browser.current_url)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#keys-table tbody tr")
+    assert [row.find_element(By.TAG_NAME, "a").text for row in rows] == ["bulk-00"]
+    assert not browser.find_elements(By.CSS_SELECTOR, "a[rel='next']")
+    browser.find_element(By.LINK_TEXT, "First page").click()
+    _wait(lambda: "page=" not in browser.current_url)
+    world.page()
+
+
+def test_an_operator_key_revoked_meanwhile_signs_out(world: World) -> None:
+    """The operator's own key stops working mid-session: the next page is sign-in, saying why."""
+    browser = world.browser
+    with world.server.client() as client:
+        made = client.create_key("short-lived-admin", ADMIN_SCOPES, tenant_id=TENANT)
+    world.server.remember(made.secret)
+    world.visit("/keys", "#add-new")
+    browser.find_element(By.CSS_SELECTOR, "form.signout button").click()
+    wait_for(browser, "#api_key")
+    sign_in(browser, world.console, made.secret)
+    with world.server.client() as client:
+        client.revoke_key(made.key.id, tenant_id=TENANT, reason="console test")
+    world.visit("/activity", "#api_key")
+    assert browser.current_url.endswith("/signin")
+    assert "no longer works" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+
+
+def test_over_https_the_cookie_is_secure(tmp_path: Path, certificates: Certificates) -> None:
+    """Served over HTTPS, the session cookie is Secure (and still HttpOnly, SameSite=Strict)."""
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    console = start_console(
+        f"127.0.0.1:{free_port()}",
+        tmp_path,
+        "--https-cert-file",
+        str(certificates.server_cert),
+        "--https-key-file",
+        str(certificates.server_key),
+        https=context,
+    )
+    try:
+        status, headers, _ = console.request("GET", "/signin")
+    finally:
+        assert console.stop() == 0
+    assert status == 200
+    cookie = headers["set-cookie"].lower()
+    assert "; secure" in cookie and "; httponly" in cookie and "samesite=strict" in cookie
 
 
 def anonymous(console: ConsoleProcess) -> tuple[str, str]:

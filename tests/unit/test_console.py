@@ -3,12 +3,20 @@
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeys.v1 import api_key_pb2
-from apikeys_client import ApiKeysClient, InvalidArgument
+from apikeys_client import (
+    AlreadyGone,
+    ApiKeysClient,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from apikeys_server.console import csrf, views
-from apikeys_server.console.app import end_of_day, field_errors
+from apikeys_server.console.app import end_of_day, field_errors, refused
 from apikeys_server.console.session import SessionStore
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -154,6 +162,15 @@ class TestErrors:
         assert field_errors(error) == {"scopes": "scope 'x' is not in the catalog; see ListScopes"}
         bare = InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "bad page token")
         assert field_errors(bare) == {"form": "bad page token"}
+
+    @pytest.mark.parametrize("kind", [Unavailable, AlreadyGone, Unauthenticated])
+    def test_what_every_page_answers_is_raised_again(self, kind: type[Exception]) -> None:
+        """The service down and the operator's key dead go to page(), not next to a field."""
+        with pytest.raises(kind):
+            refused(kind(grpc.StatusCode.UNAVAILABLE, "down"))
+
+    def test_other_refusals_are_the_forms_to_show(self) -> None:
+        refused(PermissionDenied(grpc.StatusCode.PERMISSION_DENIED, "lacks apikeys:manage"))
 
     def test_expiry_is_the_end_of_the_picked_day(self) -> None:
         assert end_of_day("2026-05-01") == datetime(2026, 5, 2, tzinfo=UTC)

@@ -180,7 +180,9 @@ class Console:
         status_code: int = 200,
         **context: Any,
     ) -> Response:
-        notice, session.notice = session.notice, ""
+        notice = ""
+        if not template.startswith("_"):  # a fragment (htmx) leaves it for the next page
+            notice, session.notice = session.notice, ""
         response = self.templates.TemplateResponse(
             request,
             template,
@@ -271,7 +273,8 @@ class Console:
         tenant = text(form, "tenant").strip()
         try:
             await self.call(self.client(session).list_keys_page, tenant_id=tenant, page_size=1)
-        except (InvalidArgument, PermissionDenied) as error:
+        except ApiKeysError as error:
+            refused(error)
             errors = field_errors(error, default="tenant")
             return self.render(request, session, "tenant.html", 400, errors=errors, tenant=tenant)
         session.tenant = tenant
@@ -296,7 +299,8 @@ class Console:
                 name_prefix=prefix,
                 page_size=KEYS_PAGE_SIZE,
             )
-        except (InvalidArgument, PermissionDenied) as error:
+        except ApiKeysError as error:
+            refused(error)
             errors = field_errors(error, default="prefix")
         else:
             now = datetime.now(UTC)
@@ -356,7 +360,8 @@ class Console:
                 tenant_id=session.tenant,
                 expire_time=expire_time,
             )
-        except (InvalidArgument, PermissionDenied) as error:
+        except ApiKeysError as error:
+            refused(error)
             return await self._new_page(request, session, field_errors(error), values, 400)
         return self.render(
             request,
@@ -420,8 +425,7 @@ class Console:
                 scopes=scopes,
             )
         except ApiKeysError as error:
-            if isinstance(error, UNREACHABLE | Unauthenticated):
-                raise
+            refused(error)
             values = {"name": name, "scopes": scopes}
             return await self.key_page(request, session, field_errors(error), 400, values)
         session.notice = "Saved."
@@ -439,8 +443,7 @@ class Console:
                 self.client(session).rotate_key, key_id, overlap, tenant_id=session.tenant
             )
         except ApiKeysError as error:
-            if isinstance(error, UNREACHABLE | Unauthenticated):
-                raise
+            refused(error)
             return await self.key_page(request, session, field_errors(error), 400)
         now = datetime.now(UTC)
         return self.render(
@@ -465,8 +468,7 @@ class Console:
                 self.client(session).revoke_key, key_id, tenant_id=session.tenant, reason=reason
             )
         except ApiKeysError as error:
-            if isinstance(error, UNREACHABLE | Unauthenticated):
-                raise
+            refused(error)
             return await self.key_page(request, session, field_errors(error), 400)
         session.notice = "Revoked: the key stops working at once."
         return redirect(request, f"/keys/{key_id}")
@@ -483,7 +485,8 @@ class Console:
                 tenant_id=session.tenant,
                 page_size=EVENTS_PAGE_SIZE,
             )
-        except InvalidArgument as error:
+        except ApiKeysError as error:
+            refused(error)
             errors = field_errors(error)
         else:
             now = datetime.now(UTC)
@@ -563,6 +566,13 @@ def probe(client: ApiKeysClient) -> tuple[bool, str]:
     if not page.keys:  # cannot happen: the caller's own key is in its tenant
         raise PermissionDenied(grpc.StatusCode.PERMISSION_DENIED, "the key's tenant is unknown")
     return False, page.keys[0].tenant_id
+
+
+def refused(error: ApiKeysError) -> None:
+    """Re-raises what page() answers for every page (the service unreachable, the operator's
+    key no longer working); any other refusal is the caller's to show next to its form."""
+    if isinstance(error, (*UNREACHABLE, Unauthenticated)):
+        raise error
 
 
 def sign_in_words(error: ApiKeysError) -> str:
