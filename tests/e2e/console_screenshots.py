@@ -65,6 +65,8 @@ def main() -> int:
             close_secret_dialog(browser)
             _shoot(browser, "key")
             browser.find_element(By.CSS_SELECTOR, "form.signout button").click()
+            wait_for(browser, ".notice")
+            browser.get(console.url + "/signin")  # the "Signed out." notice shown once, gone
             wait_for(browser, "#api_key")
             _shoot(browser, "sign-in", full=False)
         finally:

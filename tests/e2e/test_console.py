@@ -154,7 +154,7 @@ def test_add_new_with_the_keyboard_only(world: World) -> None:
     press(world, Keys.ENTER)
     wait_for(browser, "form[action='/keys/new']")
     assert browser.switch_to.active_element.get_attribute("id") == "name"  # autofocus
-    press(world, "crm sync prod!")
+    press(world, "crm <b>prod</b>")
     tab_to(world, "scope-passes-read")
     press(world, Keys.SPACE)
     tab_to(world, "scope-customers-read")
@@ -168,6 +168,8 @@ def test_add_new_with_the_keyboard_only(world: World) -> None:
         browser.find_element(By.ID, "name").get_attribute("aria-describedby").endswith("name-error")
     )
     assert browser.find_element(By.ID, "scope-passes-read").is_selected()  # kept
+    assert browser.find_element(By.ID, "name").get_attribute("value") == "crm <b>prod</b>"
+    assert not browser.find_elements(By.CSS_SELECTOR, "main b")  # escaped, never markup
     assert browser.switch_to.active_element.get_attribute("id") == "name"
     press(world, Keys.CONTROL + "a")
     press(world, "crm-sync-prod")
