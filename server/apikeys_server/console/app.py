@@ -202,7 +202,8 @@ class Console:
             status_code=503,
             title="The apikeys service is not answering",
             message=f"The console cannot reach the apikeys service at {self.settings.target} "
-            f"({error.details}). Nothing was changed by this request; try again in a moment.",
+            f"({error.details}). If you were saving a change, look at the key before trying "
+            "again: the service may or may not have made it.",
         )
 
     def signed_out(self, session: Session, error: ApiKeysError) -> Session:

@@ -39,7 +39,25 @@ function openSecretDialog() {
   });
 }
 
+// A POST form is sent once: a double click must not create two keys (and show the
+// second one's secret while the first is lost).
+function sendOnce(event) {
+  const form = event.target;
+  if (event.defaultPrevented || form.method.toLowerCase() !== "post") return;
+  if (form.dataset.sent) {
+    event.preventDefault();
+    return;
+  }
+  form.dataset.sent = "yes";
+}
+
 document.addEventListener("submit", confirmFirst);
+document.addEventListener("submit", sendOnce);
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted) {
+    document.querySelectorAll("form[data-sent]").forEach((form) => delete form.dataset.sent);
+  }
+});
 document.addEventListener("click", (event) => {
   const button = event.target.closest("button[data-copy]");
   if (button) copySecret(button);
