@@ -545,7 +545,8 @@ class Console:
         self.sessions.close()  # the operators' clients and their channels
 
     async def failed(self, request: Request, error: Exception) -> Response:
-        log.error("console request failed: %s", type(error).__name__, exc_info=error)
+        """A bug: a plain page for the browser. Starlette raises the error again after this
+        answer, and uvicorn logs its traceback (which never holds a key or a secret)."""
         return PlainTextResponse(
             "The console failed to answer this request; the details are in its log.",
             status_code=500,
