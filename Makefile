@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
-.PHONY: install run test unit lint typecheck proto check-proto check admin-key bench bench-processes bench-rss \
-	bench-smoke bench-propagation bench-faults bench-tripwire clean buf contract buf-lint buf-breaking contract-baseline
+.PHONY: install run console screenshots test unit lint typecheck proto check-proto check admin-key bench \
+	bench-processes bench-rss bench-smoke bench-propagation bench-faults bench-tripwire clean buf contract \
+	buf-lint buf-breaking contract-baseline
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,15 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/apikeys-server serve
+
+# The admin web console on http://127.0.0.1:8080, for the service `make run` serves.
+console: $(STAMP)
+	$(BIN)/apikeys-server console
+
+# docs/console/*.png: the console's main pages in headless chromium (apt: chromium
+# chromium-driver), over a throw-away server and database.
+screenshots: $(STAMP)
+	$(BIN)/python -m tests.e2e.console_screenshots
 
 admin-key: $(STAMP)
 	@$(BIN)/apikeys-server admin-key

@@ -143,6 +143,22 @@ class AsyncApiKeysClient:
             if not (token := page.next_page_token):
                 return
 
+    async def list_keys_page(
+        self,
+        page_token: str = "",
+        *,
+        tenant_id: str = "",
+        include_revoked: bool = False,
+        name_prefix: str = "",
+        page_size: int = 0,
+    ) -> key_manager_pb2.ListKeysResponse:
+        """As ``ApiKeysClient.list_keys_page``."""
+        request = build.list_keys(page_token, tenant_id, include_revoked, name_prefix, page_size)
+        response: key_manager_pb2.ListKeysResponse = await self._call(
+            self._manager.ListKeys, request
+        )
+        return response
+
     async def update_key(
         self,
         key_id: str,
@@ -187,6 +203,16 @@ class AsyncApiKeysClient:
     async def list_scopes(self) -> list[api_key_pb2.Scope]:
         response = await self._call(self._manager.ListScopes, build.list_scopes())
         return list(response.scopes)
+
+    async def list_events_page(
+        self, page_token: str = "", *, tenant_id: str = "", key_id: str = "", page_size: int = 0
+    ) -> key_manager_pb2.ListEventsResponse:
+        """As ``ApiKeysClient.list_events_page``."""
+        request = build.list_events(page_token, tenant_id, key_id, page_size)
+        response: key_manager_pb2.ListEventsResponse = await self._call(
+            self._manager.ListEvents, request
+        )
+        return response
 
     async def list_events(
         self, *, tenant_id: str = "", key_id: str = "", page_size: int = 0

@@ -165,6 +165,20 @@ class ApiKeysClient:
             if not (token := page.next_page_token):
                 return
 
+    def list_keys_page(
+        self,
+        page_token: str = "",
+        *,
+        tenant_id: str = "",
+        include_revoked: bool = False,
+        name_prefix: str = "",
+        page_size: int = 0,
+    ) -> key_manager_pb2.ListKeysResponse:
+        """One page of matching keys, newest first, and the ``next_page_token`` ("" after the
+        last page): for callers that page on request, as a web page does."""
+        request = build.list_keys(page_token, tenant_id, include_revoked, name_prefix, page_size)
+        return self._call(self._manager.ListKeys, request)
+
     def update_key(
         self,
         key_id: str,
@@ -211,6 +225,13 @@ class ApiKeysClient:
             yield from page.events
             if not (token := page.next_page_token):
                 return
+
+    def list_events_page(
+        self, page_token: str = "", *, tenant_id: str = "", key_id: str = "", page_size: int = 0
+    ) -> key_manager_pb2.ListEventsResponse:
+        """One page of the audit trail, newest first, and the ``next_page_token``."""
+        request = build.list_events(page_token, tenant_id, key_id, page_size)
+        return self._call(self._manager.ListEvents, request)
 
     def revoke_leaked_keys(
         self, secrets: Iterable[str], *, source: str = "", url: str = ""

@@ -1,4 +1,4 @@
-"""The ``apikeys-server`` command: serve, migrate, admin-key."""
+"""The ``apikeys-server`` command: serve, migrate, admin-key, console."""
 
 import argparse
 import gc
@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import Field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -16,7 +17,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from apikeys_server import logs
 from apikeys_server.app import App, build_services, create_server, upgrade_schema
-from apikeys_server.config import Settings, describe, is_loopback, parse, rule_of
+from apikeys_server.config import (
+    ConsoleSettings,
+    Settings,
+    describe,
+    is_loopback,
+    parse,
+    rule_of,
+)
 from apikeys_server.domain import scopes
 from apikeys_server.domain.errors import DomainError
 from apikeys_server.domain.validation import PLATFORM_TENANT
@@ -91,7 +99,54 @@ def _parser() -> argparse.ArgumentParser:
         dest="grant",
         help=f"repeatable; default: {' '.join(ADMIN_SCOPES)}",
     )
+    _add_console(commands)
     return parser
+
+
+def _add_console(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``console``: its flags are the operator command's (``apikeys --target --tls…``) for the
+    service it calls, with dests of their own so they never reach ``Settings``."""
+    console = commands.add_parser(
+        "console",
+        help="serve the admin web console (a client of the gRPC service)",
+        description="The admin web console. Flags override APIKEYS_CONSOLE_* variables "
+        "(APIKEYS_CONSOLE_LISTEN, _TARGET, _TLS, _TLS_CA_FILE, _TLS_CERT_FILE, _TLS_KEY_FILE, "
+        "_HTTPS_CERT_FILE, _HTTPS_KEY_FILE, _IDLE_MINUTES, _TIMEOUT_SECONDS).",
+    )
+    add = console.add_argument
+    add("--listen", dest="console_listen", metavar="HOST:PORT", help="default 127.0.0.1:8080")
+    add(
+        "--target",
+        dest="console_target",
+        metavar="HOST:PORT",
+        help="the service's host:port; default localhost:50051",
+    )
+    add("--tls", dest="console_tls", action="store_true", default=None, help="TLS, system roots")
+    add("--tls-ca-file", dest="console_tls_ca_file", type=Path, metavar="FILE", help="CA(s)")
+    add("--tls-cert-file", dest="console_tls_cert_file", type=Path, metavar="FILE", help="mTLS")
+    add("--tls-key-file", dest="console_tls_key_file", type=Path, metavar="FILE", help="mTLS key")
+    add("--https-cert-file", dest="console_https_cert_file", type=Path, metavar="FILE",
+        help="serve the console over HTTPS (then its cookie is Secure)")  # fmt: skip
+    add("--https-key-file", dest="console_https_key_file", type=Path, metavar="FILE")
+    add("--idle-minutes", dest="console_idle_minutes", type=float, metavar="MINUTES",
+        help="sign out after this idle time; default 15")  # fmt: skip
+    add(
+        "--timeout",
+        dest="console_timeout_seconds",
+        type=float,
+        metavar="SECONDS",
+        help="seconds per call",
+    )
+
+
+def _console_settings(args: argparse.Namespace) -> ConsoleSettings:
+    prefix = "console_"
+    flags = {
+        name.removeprefix(prefix): value
+        for name, value in vars(args).items()
+        if name.startswith(prefix)
+    }
+    return ConsoleSettings.from_env(os.environ, **flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,11 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(os.environ, **flags)
         if args.command == "serve" and (files := TlsFiles.of(settings)) is not None:
             load(files)  # unusable files are bad settings too: one line, before anything starts
+        console = _console_settings(args) if args.command == "console" else None
     except ValueError as error:
         print(f"apikeys-server: {error}", file=sys.stderr)
         return 2
     logs.configure(settings)
     try:
+        if console is not None:
+            return _console(console)
         if args.command == "serve":
             return _serve(settings)
         if args.command == "migrate":
@@ -211,6 +269,12 @@ def _serve_processes(settings: Settings) -> int:
         return supervisor.run()
     finally:
         exporter.close()
+
+
+def _console(settings: ConsoleSettings) -> int:
+    from apikeys_server import console  # its web stack is loaded only for this command
+
+    return console.serve(settings)
 
 
 def _migrate(settings: Settings) -> int:

@@ -71,7 +71,7 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _host_port(listen: str) -> tuple[str, str] | None:
+def host_port(listen: str) -> tuple[str, str] | None:
     host, colon, port = listen.rpartition(":")
     if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
         return None
@@ -80,7 +80,7 @@ def _host_port(listen: str) -> tuple[str, str] | None:
 
 def is_loopback(listen: str) -> bool:
     """Whether ``listen`` only accepts connections from this host."""
-    parts = _host_port(listen)
+    parts = host_port(listen)
     if parts is None:
         return listen.startswith("unix:")
     host = parts[0]
@@ -109,7 +109,7 @@ class Settings:
         "127.0.0.1:50051",
         flag="--listen",
         help="gRPC address",
-        shape=lambda value: _host_port(value) is not None or value.startswith("unix:"),
+        shape=lambda value: host_port(value) is not None or value.startswith("unix:"),
         shape_text="HOST:PORT with a port 0..65535",
     )
     # Per deployment, so keys of different environments never verify on each other.
@@ -227,7 +227,7 @@ class Settings:
         "",
         flag="--metrics-listen",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (empty: off)",
-        shape=lambda value: value == "" or _host_port(value) is not None,
+        shape=lambda value: value == "" or host_port(value) is not None,
         shape_text="HOST:PORT with a port 0..65535, or empty",
     )
     # Bounds on each database operation, so a lost or silent database answers UNAVAILABLE
@@ -423,3 +423,77 @@ def describe(item: "Field[Any]") -> str:
     return f"${variable_of(item.name)}; default {default_text}" + (
         f"; {allowed}" if allowed else ""
     )
+
+
+CONSOLE_PREFIX = "APIKEYS_CONSOLE_"
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """``apikeys-server console``: the admin web console, a client of the gRPC service.
+
+    Read from ``APIKEYS_CONSOLE_<FIELD>`` variables, then flags (``cli.py``). The gRPC-side TLS
+    options mean what the operator command's do (``apikeys --tls …``).
+    """
+
+    listen: str = "127.0.0.1:8080"
+    target: str = "localhost:50051"
+    tls: bool = False  # TLS to the service with the system's roots
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None  # client certificate (mTLS), with tls_key_file
+    tls_key_file: Path | None = None
+    # The console's own HTTPS (then its session cookie is Secure).
+    https_cert_file: Path | None = None
+    https_key_file: Path | None = None
+    idle_minutes: float = 15.0
+    timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if host_port(self.listen) is None:
+            raise ValueError(
+                f"console --listen {self.listen!r} must be HOST:PORT with a port 0..65535"
+            )
+        if not self.target:
+            raise ValueError("console --target must name the service's host:port")
+        if not 1 <= self.idle_minutes <= 24 * 60:
+            raise ValueError(f"console --idle-minutes {self.idle_minutes} must be 1..1440")
+        if not 0.1 <= self.timeout_seconds <= 300:
+            raise ValueError(f"console --timeout {self.timeout_seconds} must be 0.1..300")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingsConflict("--tls-cert-file and --tls-key-file go together")
+        if (self.https_cert_file is None) != (self.https_key_file is None):
+            raise SettingsConflict("--https-cert-file and --https-key-file go together")
+
+    @property
+    def grpc_tls(self) -> bool:
+        """Whether the service is reached over TLS (any TLS option given)."""
+        return self.tls or any((self.tls_ca_file, self.tls_cert_file, self.tls_key_file))
+
+    @property
+    def https(self) -> bool:
+        return self.https_cert_file is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "ConsoleSettings":
+        """Defaults, then APIKEYS_CONSOLE_* variables, then overrides (flags; None skipped)."""
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            variable = CONSOLE_PREFIX + item.name.upper()
+            raw = environ.get(variable)
+            if raw:
+                values[item.name] = _console_value(item, raw, variable)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def _console_value(item: "Field[Any]", raw: str, variable: str) -> Any:
+    try:
+        if item.type in (bool, "bool"):
+            return BOOLEANS[raw.strip().lower()]
+        if item.type in (float, "float"):
+            return float(raw)
+    except (KeyError, ValueError):
+        raise ValueError(f"{variable}={raw!r} is not a valid value") from None
+    if item.type == Path | None or item.type == "Path | None":
+        return Path(raw)
+    return raw

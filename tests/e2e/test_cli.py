@@ -205,6 +205,24 @@ class TestBadUsage:
         assert result.stderr.splitlines() == [f"apikeys-server: {line}"]
         assert not (tmp_path / "apikeys.db").exists()
 
+    @pytest.mark.parametrize(
+        ("argv", "env", "words"),
+        [
+            (["--listen", "nowhere"], {}, "must be HOST:PORT"),
+            (["--idle-minutes", "0"], {}, "must be 1..1440"),
+            ([], {"APIKEYS_CONSOLE_TLS": "maybe"}, "APIKEYS_CONSOLE_TLS='maybe'"),
+            (["--tls-cert-file", "/tmp/c.pem"], {}, "go together"),
+        ],
+        ids=["listen", "idle", "bool-variable", "half-pair"],
+    )
+    def test_console_refuses_bad_settings(
+        self, argv: list[str], env: dict[str, str], words: str
+    ) -> None:
+        """`console` exits 2 with one line naming the bad setting, before serving anything."""
+        result = run_cli("console", *argv, env=env)
+        assert_clean_failure(result, status=2)
+        assert len(result.stderr.splitlines()) == 1 and words in result.stderr
+
     def test_serve_help_shows_variable_default_and_range(self) -> None:
         """Each flag and each variable-only setting in `serve --help`."""
         result = run_cli("serve", "--help")

@@ -237,3 +237,36 @@ class TestAsyncClient:
                 assert events
 
         asyncio.run(run())
+
+
+class TestPages:
+    def test_one_page_at_a_time_with_its_token(self, server: RunningServer) -> None:
+        """list_keys_page / list_events_page (both clients): a page and the token to the next,
+        the same keys and events as the lazy iterators, newest first."""
+        with server.client() as client:
+            made = [
+                client.create_key(f"p-{i}", ["passes:read"], tenant_id="acme") for i in range(3)
+            ]
+            first = client.list_keys_page(tenant_id="acme", name_prefix="p-", page_size=2)
+            second = client.list_keys_page(
+                first.next_page_token, tenant_id="acme", name_prefix="p-", page_size=2
+            )
+            assert [k.id for k in [*first.keys, *second.keys]] == [
+                k.id for k in client.list_keys(tenant_id="acme", name_prefix="p-")
+            ]
+            assert {k.id for k in [*first.keys, *second.keys]} == {m.key.id for m in made}
+            assert second.next_page_token == ""
+            events = client.list_events_page(tenant_id="acme", page_size=2)
+            assert len(events.events) == 2 and events.next_page_token
+
+        async def run() -> tuple[list[str], str]:
+            async with AsyncApiKeysClient(server.target, server.admin_key, timeout=10) as aio:
+                page = await aio.list_keys_page(tenant_id="acme", name_prefix="p-", page_size=2)
+                events = await aio.list_events_page(tenant_id="acme", page_size=2)
+                assert [e.id for e in events.events] == [e.id for e in client_events]
+                return [k.id for k in page.keys], page.next_page_token
+
+        with server.client() as client:
+            client_events = list(client.list_events_page(tenant_id="acme", page_size=2).events)
+        ids, token = asyncio.run(run())
+        assert ids == [k.id for k in first.keys] and token

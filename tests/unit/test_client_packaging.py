@@ -17,6 +17,11 @@ SERVER_ONLY = {
     "grpcio-health-checking",
     "grpcio-reflection",
     "xds-protos",
+    # The admin console (apikeys-server console).
+    "starlette",
+    "jinja2",
+    "uvicorn",
+    "python-multipart",
 }
 CLIENT = {"grpcio", "protobuf", "grpcio-status", "googleapis-common-protos", "click"}
 

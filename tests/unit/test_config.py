@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from apikeys_server.config import (
+    ConsoleSettings,
     InvalidSetting,
     Settings,
     SettingsConflict,
@@ -396,3 +397,41 @@ class TestObservability:
         assert Settings.from_env({"APIKEYS_LOG_FORMAT": "json"}).log_format == "json"
         with pytest.raises(ValueError, match="APIKEYS_LOG_FORMAT"):
             Settings.from_env({"APIKEYS_LOG_FORMAT": "xml"})
+
+
+class TestConsoleSettings:
+    def test_defaults(self) -> None:
+        """The console listens on loopback and calls the service on its default address."""
+        settings = ConsoleSettings.from_env({})
+        assert (settings.listen, settings.target) == ("127.0.0.1:8080", "localhost:50051")
+        assert settings.idle_minutes == 15 and not settings.grpc_tls and not settings.https
+
+    def test_variables_then_flags(self) -> None:
+        """APIKEYS_CONSOLE_* variables are read; flags (non-None overrides) beat them."""
+        env = {
+            "APIKEYS_CONSOLE_LISTEN": "0.0.0.0:9000",
+            "APIKEYS_CONSOLE_TARGET": "keys:50051",
+            "APIKEYS_CONSOLE_TLS_CA_FILE": "/etc/ca.pem",
+            "APIKEYS_CONSOLE_IDLE_MINUTES": "5",
+            "APIKEYS_LISTEN": "0.0.0.0:1",  # the server's own setting, not the console's
+        }
+        settings = ConsoleSettings.from_env(env, target="other:1", listen=None)
+        assert settings.listen == "0.0.0.0:9000" and settings.target == "other:1"
+        assert settings.tls_ca_file == Path("/etc/ca.pem") and settings.grpc_tls
+        assert settings.idle_minutes == 5.0
+
+    @pytest.mark.parametrize(
+        "env",
+        [
+            {"APIKEYS_CONSOLE_LISTEN": "nowhere"},
+            {"APIKEYS_CONSOLE_IDLE_MINUTES": "0"},
+            {"APIKEYS_CONSOLE_IDLE_MINUTES": "soon"},
+            {"APIKEYS_CONSOLE_TLS": "maybe"},
+            {"APIKEYS_CONSOLE_TLS_CERT_FILE": "/c.pem"},
+            {"APIKEYS_CONSOLE_HTTPS_KEY_FILE": "/k.pem"},
+        ],
+    )
+    def test_bad_values_are_refused(self, env: dict[str, str]) -> None:
+        """Bad shapes, ranges, spellings and half pairs are a ValueError (exit 2 in cli.py)."""
+        with pytest.raises(ValueError):
+            ConsoleSettings.from_env(env)
