@@ -134,7 +134,9 @@ def _cases() -> Iterator[object]:
         "verify-empty-key", "Verify", _verify(key=""), OK, key_verifier_pb2.VERIFY_CODE_MISSING
     )
     yield case("verify-60KiB-key", "Verify", _verify(key="a" * LONG), OK, malformed)
-    yield case("verify-60KiB-prefixed-key", "Verify", _verify(key="ak_" + "A" * LONG), OK, malformed)
+    yield case(
+        "verify-60KiB-prefixed-key", "Verify", _verify(key="ak_" + "A" * LONG), OK, malformed
+    )
     yield case("verify-unicode-key", "Verify", _verify(key="ak_ключключключ"), OK, malformed)
     yield case("verify-emoji-key", "Verify", _verify(key=valid[:-1] + "🔑"), OK, malformed)
     yield case(
