@@ -1,7 +1,7 @@
 """Typed errors raised by the client; each carries the gRPC status code and details.
 
 ApiKeysError                 any failed call (``.code``, ``.details``, ``.reason``, ``.domain``,
-│                            ``.field_violations``)
+│                            ``.field_violations``, ``.retry_after``)
 ├── InvalidArgument          the request is malformed (bad name, unknown scope, bad token)
 ├── Unauthenticated          the client's own key is missing or does not verify
 ├── PermissionDenied         the client's key lacks the scope or the tenant
@@ -9,7 +9,8 @@ ApiKeysError                 any failed call (``.code``, ``.details``, ``.reason
 ├── AlreadyExists            a retry (same request_id) of a create or rotate that already worked
 ├── FailedPrecondition       the key's state forbids the change (revoked, already rotated)
 ├── Aborted                  a concurrent change conflicted; retry the whole call
-├── ResourceExhausted        a limit of the server is reached; retry later or elsewhere
+├── ResourceExhausted        a limit of the server is reached (reason ``OVERLOADED``: too many
+│                            calls at once); retry after ``.retry_after`` seconds, or elsewhere
 ├── Unavailable              the service or its database is unreachable; retry
 └── AlreadyGone              the deadline passed or the call was cancelled
 
@@ -17,6 +18,7 @@ ApiKeysError                 any failed call (``.code``, ``.details``, ``.reason
 from the ``google.rpc.ErrorInfo`` detail; ``domain`` is ``"apikeys"``): branch on it, not on
 the message. ``field_violations`` lists ``(field, description)`` for the request fields at fault
 (``google.rpc.BadRequest``), e.g. ``[("scopes[1]", "scope 'passes:wirte' is not in…")]``.
+``retry_after`` is the server's ``google.rpc.RetryInfo`` delay in seconds, None when it gave none.
 Errors that did not come from the service (a deadline, a dead connection) have ``reason`` "".
 """
 
@@ -37,6 +39,7 @@ class ApiKeysError(Exception):
         reason: str = "",
         domain: str = "",
         field_violations: list[tuple[str, str]] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
@@ -44,6 +47,7 @@ class ApiKeysError(Exception):
         self.reason = reason
         self.domain = domain
         self.field_violations = field_violations or []
+        self.retry_after = retry_after
 
 
 class InvalidArgument(ApiKeysError):
@@ -112,6 +116,7 @@ def from_rpc_error(error: grpc.RpcError) -> ApiKeysError:
     status = _rich_status(error)
     reason = domain = ""
     violations: list[tuple[str, str]] = []
+    retry_after = None
     for detail in status.details if status is not None else ():
         if detail.TypeName() == error_details_pb2.ErrorInfo.DESCRIPTOR.full_name:
             info = error_details_pb2.ErrorInfo()
@@ -121,8 +126,17 @@ def from_rpc_error(error: grpc.RpcError) -> ApiKeysError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations += [(v.field, v.description) for v in bad.field_violations]
+        elif detail.TypeName() == error_details_pb2.RetryInfo.DESCRIPTOR.full_name:
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
     return _BY_CODE.get(code, ApiKeysError)(
-        code, details, reason=reason, domain=domain, field_violations=violations
+        code,
+        details,
+        reason=reason,
+        domain=domain,
+        field_violations=violations,
+        retry_after=retry_after,
     )
 
 

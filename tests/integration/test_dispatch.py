@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from apikeys.v1 import key_verifier_pb2
+from apikeys_client._errors import ResourceExhausted, from_rpc_error
 from apikeys_server import app
 from apikeys_server.config import Settings
 from apikeys_server.rpc import dispatch
@@ -233,6 +234,9 @@ class TestOverload:
             assert status.details[0].Unpack(info) and status.details[1].Unpack(retry)
             assert (info.reason, info.domain) == ("OVERLOADED", "apikeys")
             assert retry.retry_delay.ToMilliseconds() > 0
+            typed = from_rpc_error(error)  # what the Python client raises
+            assert isinstance(typed, ResourceExhausted)
+            assert (typed.reason, typed.retry_after) == ("OVERLOADED", 0.05)
 
     @pytest.mark.parametrize("kind", ["dispatcher", pytest.param("stock", id="stock-negative")])
     def test_a_call_that_would_miss_its_deadline_in_the_queue_is_refused_at_once(
