@@ -15,7 +15,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import faults, fixtures, proc, processes, propagation, report, tripwire, workloads
+from bench import (
+    faults,
+    fixtures,
+    overload,
+    proc,
+    processes,
+    propagation,
+    report,
+    tripwire,
+    workloads,
+)
 from bench.runner import (
     ROOT,
     Load,
@@ -323,7 +333,7 @@ def _compare_processes(options: Options, pin: bool, json_path: Path | None) -> i
     return 0 if result["answers_ok"] else 1
 
 
-SUB_COMMANDS = ("propagation", "faults", "tripwire")
+SUB_COMMANDS = ("propagation", "faults", "tripwire", "overload")
 
 
 def _memory_only(options: Options) -> int:
@@ -344,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return propagation.main(given[1:])
         if given[0] == "tripwire":
             return tripwire.main(given[1:])
+        if given[0] == "overload":
+            return overload.main(given[1:])
         return faults.main(given[1:])
     args = _parser().parse_args(argv)
     options = _options(args)

@@ -86,6 +86,11 @@ class Stats:
     reset: int = 0
     latencies_ns: list[int] = field(default_factory=list)
     wrong_sample: bytes = b""
+    # With ``refusals_ok``: answers without a message (a refusal or an expired deadline: the
+    # status alone), apart from the answers proper and their latencies.
+    refusals_ok: bool = False
+    refused: int = 0
+    refused_latencies_ns: list[int] = field(default_factory=list)
 
 
 class Connection:
@@ -187,6 +192,10 @@ class Connection:
         if call is None:
             return 0
         if stats is not None:
+            if stats.refusals_ok and not call[2]:
+                stats.refused += 1
+                stats.refused_latencies_ns.append(now - call[0])
+                return 1
             stats.completed += 1
             stats.latencies_ns.append(now - call[0])
             if call[2] != call[1]:
@@ -211,7 +220,7 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
     selector = selectors.DefaultSelector()
     for connection in connections:
         selector.register(connection.sock, selectors.EVENT_READ, connection)
-    stats = Stats()
+    stats = Stats(refusals_ok=bool(plan.get("refusals_ok")))
     sent = 0
     start = time.perf_counter_ns()
     measure_from = start + int(plan["warmup"] * 1e9)
@@ -274,7 +283,11 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
         selector.unregister(connection.sock)
         connection.sock.close()
     latencies = sorted(stats.latencies_ns)
+    refused = sorted(stats.refused_latencies_ns)
     return {
+        "refused": stats.refused,
+        "refused_p50_us": _percentile(refused, 0.50),
+        "refused_p99_us": _percentile(refused, 0.99),
         "generator": "h2gen",
         "seconds": plan["duration"],
         "completed": stats.completed,

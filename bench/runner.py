@@ -164,19 +164,33 @@ def _spread(calls: list[Call], count: int) -> list[Call]:
 
 
 def run_h2gen(
-    port: int, server_pid: int, caller: str, calls: list[Call], load: Load, rate: float | None
+    port: int,
+    server_pid: int,
+    caller: str,
+    calls: list[Call],
+    load: Load,
+    rate: float | None,
+    *,
+    deadline_ms: int | None = None,
+    depth: int | None = None,
 ) -> dict[str, Any]:
+    """``deadline_ms``: every call carries that deadline (``grpc-timeout``), and answers
+    without a message (refused, expired) are counted apart instead of as wrong."""
+    headers = [["x-api-key", caller]]
+    if deadline_ms is not None:
+        headers.append(["grpc-timeout", f"{deadline_ms}m"])
     plan = {
         "host": "127.0.0.1",
         "port": port,
         "path": VERIFY_PATH,
-        "headers": [["x-api-key", caller]],
+        "headers": headers,
+        "refusals_ok": deadline_ms is not None,
         "requests": [
             [base64.b64encode(body).decode(), base64.b64encode(answer).decode()]
             for body, answer in calls
         ],
         "connections": load.connections,
-        "depth": load.depth if rate is None else 4 * load.depth,
+        "depth": depth or (load.depth if rate is None else 4 * load.depth),
         "warmup": min(load.warmup, 0.5) if rate else load.warmup,
         "duration": load.latency_seconds if rate else load.seconds,
         "rate": rate,

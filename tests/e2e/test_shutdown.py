@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -134,6 +135,52 @@ class TestSignals:
         assert len(outcomes) == CALLERS
         for _, failure in outcomes:
             assert failure is None or refused_by_shutdown(failure), failure
+
+
+class TestDraining:
+    @pytest.mark.parametrize("grace", ["10", pytest.param("0", id="no-grace-negative-control")])
+    def test_a_call_in_flight_at_sigterm_is_answered(
+        self, server_factory: ServerFactory, grace: str
+    ) -> None:
+        """A CreateKey waiting on the database when SIGTERM arrives is finished and answered
+        (the key exists, the caller has its secret); with no grace the server cancels it."""
+        server = server_factory(
+            env={"APIKEYS_SHUTDOWN_GRACE_SECONDS": grace, "APIKEYS_DB_WRITE_TIMEOUT_SECONDS": "10"}
+        )
+        with server.client() as admin:
+            admin.create_key("warm-up", ["passes:read"], tenant_id="acme")
+        answer: list[object] = []
+        # A real lock, not a stand-in: another connection holds SQLite's write lock, so the
+        # server's write waits (its busy timeout) until the test lets go.
+        blocker = sqlite3.connect(sqlite_path(server), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+
+        def create() -> None:
+            with server.client(timeout=30) as client:
+                try:
+                    answer.append(client.create_key("in-flight", ["passes:read"], tenant_id="acme"))
+                except ApiKeysError as error:
+                    answer.append(error)
+
+        caller = threading.Thread(target=create)
+        caller.start()
+        try:
+            time.sleep(0.5)  # the call has reached its handler and waits for the lock
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)  # the server is draining
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        caller.join(timeout=30)
+        status = server.terminate()
+        assert status == 0
+        if grace == "0":
+            assert isinstance(answer[0], ApiKeysError), answer
+            return
+        assert not isinstance(answer[0], ApiKeysError), answer
+        with sqlite3.connect(sqlite_path(server)) as connection:
+            names = {row[0] for row in connection.execute("SELECT name FROM api_keys")}
+        assert "in-flight" in names
 
 
 class TestStateOnDisk:

@@ -27,8 +27,8 @@ from apikeys_server import app
 from apikeys_server.config import Settings
 from apikeys_server.rpc import dispatch
 from bench.h2gen import ACK, GOAWAY, PING, PREFACE, SETTINGS, frame
+from bench.unfinished import UnfinishedStreams
 from tests.support import RunningServer, running_server, server_settings
-from tests.unfinished import UnfinishedStreams
 
 VERIFY = "/apikeys.v1.KeyVerifier/Verify"
 SLEEP = "/test.Slow/Sleep"
