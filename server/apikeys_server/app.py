@@ -171,7 +171,7 @@ def build_services(
     return Services(settings, database, store, cache, last_used, follower, verifier, manager)
 
 
-def make_grpc_server(settings: Settings) -> grpc.Server:
+def make_grpc_server(settings: Settings, pool: dispatch.Dispatcher | None = None) -> grpc.Server:
     """The gRPC server every App runs on; the benchmark's echo ceiling is built with it too.
 
     Calls reach the ``workers`` threads only once their request is complete, and the excess
@@ -181,8 +181,11 @@ def make_grpc_server(settings: Settings) -> grpc.Server:
     another server holds fails loudly at start.
     """
     dispatch.install()
-    pool = dispatch.Dispatcher(settings.workers, settings.max_queued_calls, settings.max_streams)
-    return grpc.server(pool, options=server_options(settings))
+    return grpc.server(pool or dispatcher(settings), options=server_options(settings))
+
+
+def dispatcher(settings: Settings) -> dispatch.Dispatcher:
+    return dispatch.Dispatcher(settings.workers, settings.max_queued_calls, settings.max_streams)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -210,8 +213,9 @@ class App:
         self.clock = clock or SystemClock()
         self.health = health.HealthServicer()
         self.services = build_services(settings, self.clock, self._set_health)
-        self.metrics = _metrics(settings, self.services)
-        self.server = make_grpc_server(settings)
+        self.dispatcher = dispatcher(settings)
+        self.metrics = _metrics(settings, self.services, self.dispatcher)
+        self.server = make_grpc_server(settings, self.dispatcher)
         # Not the generated add_*_to_server: undecodable requests answer INVALID_ARGUMENT.
         add_servicer(
             self.server,
@@ -298,7 +302,7 @@ class App:
             self.health.set(name, status)
 
 
-def _metrics(settings: Settings, services: Services) -> "Metrics | None":
+def _metrics(settings: Settings, services: Services, pool: dispatch.Dispatcher) -> "Metrics | None":
     """The App's metrics when ``--metrics-listen`` is set (imported only then: with several
     processes the parent must set prometheus-client's directory up before it is first used)."""
     if not settings.metrics_listen:
@@ -307,7 +311,9 @@ def _metrics(settings: Settings, services: Services) -> "Metrics | None":
 
     made = metrics.Metrics(settings)
     made.watch(
-        metrics.figures(services.cache, services.database, services.last_used, services.follower)
+        metrics.figures(
+            services.cache, services.database, services.last_used, services.follower, pool
+        )
     )
     return made
 

@@ -50,6 +50,7 @@ from prometheus_client.utils import floatToGoString
 
 from apikeys.v1 import key_verifier_pb2
 from apikeys_server.config import Settings
+from apikeys_server.rpc.dispatch import Dispatcher
 from apikeys_server.storage.cache import KeyCache
 from apikeys_server.storage.database import Database
 from apikeys_server.storage.errors import FAILURES
@@ -115,6 +116,7 @@ def figures(
     database: Database,
     last_used: LastUsedRecorder,
     follower: FeedFollower | None,
+    transport: Dispatcher | None = None,
 ) -> list[Figure]:
     def cache_counts() -> Iterator[tuple[tuple[str, ...], float]]:
         stats = cache.stats()
@@ -199,6 +201,35 @@ def figures(
             lambda: [((), last_used.pending())],
         ),
     ]
+    if transport is not None:
+        dispatcher = transport
+        made += [
+            Figure(
+                "apikeys_calls_waiting",
+                "Complete calls waiting for a worker thread",
+                "gauge",
+                (),
+                lambda: [((), dispatcher.waiting)],
+            ),
+            Figure(
+                "apikeys_streams_open",
+                "Streams (watches, reflection) running on their own threads",
+                "gauge",
+                (),
+                lambda: [((), dispatcher.open_streams)],
+            ),
+            Figure(
+                "apikeys_refused",
+                "Calls refused with RESOURCE_EXHAUSTED by the transport: overloaded (too many "
+                "waiting, or the deadline could not be met) or streams (over the cap)",
+                "counter",
+                ("reason",),
+                lambda: [
+                    (("overloaded",), dispatcher.refused_calls),
+                    (("streams",), dispatcher.refused_streams),
+                ],
+            ),
+        ]
     if follower is not None:
         made += [
             Figure(

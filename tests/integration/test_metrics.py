@@ -108,3 +108,25 @@ def test_counters_move_after_calls(metered: RunningServer) -> None:
 def test_off_by_default(sqlite_url: str) -> None:
     with running_server(server_settings(sqlite_url)) as server:
         assert server.app.metrics is None
+
+
+def test_transport_refusals_are_counted(sqlite_url: str) -> None:
+    """A stream over the cap shows in apikeys_refused_total{reason="streams"}; open streams
+    and waiting calls are gauges."""
+    settings = server_settings(sqlite_url, metrics_listen="127.0.0.1:0", max_streams=1)
+    with running_server(settings) as server, server.channel() as channel:
+        assert server.app.metrics is not None
+        _, verifier = server.stubs(channel)
+        metadata = (("x-api-key", server.admin_key),)
+        request = key_verifier_pb2.WatchKeyChangesRequest()
+        watch = verifier.WatchKeyChanges(request, metadata=metadata, timeout=30)
+        next(watch)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(verifier.WatchKeyChanges(request, metadata=metadata, timeout=30))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        samples = scrape(server.app.metrics.port)
+        watch.cancel()
+    assert value(samples, "apikeys_refused_total", reason="streams") == 1
+    assert value(samples, "apikeys_refused_total", reason="overloaded") == 0
+    assert value(samples, "apikeys_streams_open") == 1
+    assert ("apikeys_calls_waiting", frozenset()) in samples

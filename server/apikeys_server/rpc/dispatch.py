@@ -99,7 +99,9 @@ class Dispatcher(futures.ThreadPoolExecutor):
         self._waiting = 0  # dispatched, not yet on a thread
         self._open_streams = 0
         self._mean_seconds = 0.0  # recent mean of the time a unary call holds a thread
-        self.refused = 0  # calls refused for overload, for tests and metrics
+        # Refusals so far, read by the metrics: calls for overload, streams over the cap.
+        self.refused_calls = 0
+        self.refused_streams = 0
         self._queue_full = _refusal(
             f"the server is overloaded ({max_queued} calls are waiting): retry with backoff",
             0.05,
@@ -111,6 +113,10 @@ class Dispatcher(futures.ThreadPoolExecutor):
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    @property
+    def open_streams(self) -> int:
+        return self._open_streams
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self.streams.shutdown(wait, cancel_futures=cancel_futures)
@@ -257,7 +263,10 @@ class Dispatcher(futures.ThreadPoolExecutor):
         state.trailing_metadata = trailing
         grpc_server._abort(state, rpc_event.call, cygrpc.StatusCode.resource_exhausted, details)
         with self._lock:
-            self.refused += 1
+            if refusal is self._streams_full:
+                self.refused_streams += 1
+            else:
+                self.refused_calls += 1
 
     def _take_stream_slot(self) -> bool:
         with self._lock:
