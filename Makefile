@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/apikeys/v1/*.proto)
 
 .PHONY: install run console screenshots test unit lint typecheck proto check-proto check admin-key bench \
-	bench-processes bench-rss bench-smoke bench-propagation bench-faults bench-tripwire clean buf contract \
-	buf-lint buf-breaking contract-baseline
+	bench-processes bench-rss bench-smoke bench-propagation bench-faults bench-tripwire bench-overload \
+	clean buf contract buf-lint buf-breaking contract-baseline
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -107,6 +107,10 @@ bench-faults: $(STAMP)
 # Cache-hit Verify of valid keys vs. a flood of one revoked key, on one server (under a minute).
 bench-tripwire: $(STAMP)
 	$(BIN)/python -m bench tripwire
+
+# ~1 min: gRPC's own pool vs the dispatcher: cost, overload (2x), 1 000 unfinished calls.
+bench-overload: $(STAMP)
+	$(BIN)/python -m bench overload
 
 # Only the memory figure: RSS with 100 000 keys in the Verify cache (about 30 s).
 bench-rss: $(STAMP)

@@ -94,7 +94,7 @@ def _stock_transport() -> None:
     start, the queue is unbounded): the server as it was before rpc/dispatch.py, with the
     same options, for before/after figures from one run."""
 
-    def stock_server(settings: Settings) -> grpc.Server:
+    def stock_server(settings: Settings, _pool: object = None) -> grpc.Server:
         pool = futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="rpc")
         return grpc.server(pool, options=app.server_options(settings))
 

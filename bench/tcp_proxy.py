@@ -10,6 +10,8 @@
     refuse()     close the listener and every connection: the database has stopped.
                  resume() listens again on the same port.
     stop()       refuse() for good. It also happens by itself after ``lifetime`` seconds.
+    delay        seconds added before each answer from upstream is passed on (0: none): a slow
+                 database link.
 
 Threads: one accepting, two per connection (one per direction), all daemons; at most
 ``max_connections`` pairs at once (more are closed on arrival).
@@ -49,6 +51,7 @@ class TcpProxy:
         self._forwarding = threading.Event()
         self._forwarding.set()
         self._ended = False
+        self.delay = 0.0
         self._listener: socket.socket | None = None
         self.port = 0
         self._listen()
@@ -157,6 +160,8 @@ class TcpProxy:
             if not data or sink is None:
                 self._drop(pair)
                 return
+            if not from_client and self.delay:
+                time.sleep(self.delay)
             try:
                 sink.sendall(data)
             except OSError:

@@ -35,7 +35,7 @@ SLEEP = "/test.Slow/Sleep"
 ENHANCE_YOUR_CALM = 0xB
 
 
-def stock_server(settings: Settings) -> grpc.Server:
+def stock_server(settings: Settings, _pool: object = None) -> grpc.Server:
     """gRPC's own pool with the same options: the negative control."""
     pool = futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="rpc")
     return grpc.server(pool, options=app.server_options(settings))

@@ -12,8 +12,9 @@ there, so an unfinished request costs a little memory in gRPC's core and no thre
 
 - unary calls run on the ``workers`` threads, once their request has arrived; a complete
   request is refused at once with RESOURCE_EXHAUSTED (retryable, with ``RetryInfo``) when
-  ``max_queued`` calls already wait for a thread, or when the expected wait (calls waiting x
-  the recent mean time a call holds a thread / workers) exceeds what is left of its deadline;
+  ``max_queued`` calls already wait for a thread, or when it could not end before its
+  deadline: the expected wait (calls waiting x the recent mean time a call holds a thread /
+  workers) plus its own method's recent mean exceeds what is left;
 - streams (server-streaming, client-streaming: WatchKeyChanges, health Watch, reflection)
   run on a pool of their own of ``max_streams`` threads, so they never take a unary worker;
   beyond it new streams are refused with RESOURCE_EXHAUSTED.
@@ -98,12 +99,19 @@ class Dispatcher(futures.ThreadPoolExecutor):
         self._lock = threading.Lock()
         self._waiting = 0  # dispatched, not yet on a thread
         self._open_streams = 0
-        self._mean_seconds = 0.0  # recent mean of the time a unary call holds a thread
+        # Recent means of the time a unary call holds a thread: over all, and per method.
+        self._mean_seconds = 0.0
+        self._method_seconds: dict[object, float] = {}
         # Refusals so far, read by the metrics: calls for overload, streams over the cap.
         self.refused_calls = 0
         self.refused_streams = 0
         self._queue_full = _refusal(
             f"the server is overloaded ({max_queued} calls are waiting): retry with backoff",
+            0.05,
+        )
+        self._too_late = _refusal(
+            "the server is overloaded: the calls waiting ahead of this one would not let it "
+            "end before its deadline; retry with backoff or a longer deadline",
             0.05,
         )
         self._streams_full = _refusal(
@@ -222,41 +230,51 @@ class Dispatcher(futures.ThreadPoolExecutor):
             )
             job.add_done_callback(self._release_stream_slot)
             return job
-        if not self._admit(rpc_event.call_details.deadline):
-            self._refuse(rpc_event, state, self._queue_full)
+        behavior = handler.unary_unary
+        refusal = self._admit(rpc_event.call_details.deadline, behavior)
+        if refusal is not None:
+            self._refuse(rpc_event, state, refusal)
             return None
         return self.submit(
             self._run_unary,
             rpc_event,
             state,
-            handler.unary_unary,
+            behavior,
             _still_wanted(state, request),
             handler.request_deserializer,
             handler.response_serializer,
         )
 
-    def _admit(self, deadline: float) -> bool:
+    def _admit(self, deadline: float, behavior: object) -> Refusal | None:
+        """Takes a place in the queue (None), or says why not."""
         with self._lock:
             waiting = self._waiting
             if waiting >= self.max_queued:
-                return False
-            expected_wait = waiting * self._mean_seconds / self.workers
-            if expected_wait and time.time() + expected_wait > deadline:
-                return False
+                return self._queue_full
+            # The wait behind the calls ahead (whatever their methods), then its own time
+            # (its method's: a cache hit takes a fraction of a database write).
+            expected = waiting * self._mean_seconds / self.workers
+            expected += self._method_seconds.get(behavior, 0.0)
+            if time.time() + expected > deadline:
+                return self._too_late
             self._waiting = waiting + 1
-            return True
+            return None
 
-    def _run_unary(self, rpc_event: Any, state: Any, *arguments: Any) -> None:
+    def _run_unary(self, rpc_event: Any, state: Any, behavior: object, *arguments: Any) -> None:
         started = time.perf_counter()
         with self._lock:
             self._waiting -= 1
         try:
-            state.context.run(grpc_server._unary_response_in_pool, rpc_event, state, *arguments)
+            state.context.run(
+                grpc_server._unary_response_in_pool, rpc_event, state, behavior, *arguments
+            )
         finally:
             spent = time.perf_counter() - started
             with self._lock:
-                mean = self._mean_seconds
-                self._mean_seconds = mean + (spent - mean) * _MEAN_WEIGHT if mean else spent
+                self._mean_seconds = _moved(self._mean_seconds, spent)
+                self._method_seconds[behavior] = _moved(
+                    self._method_seconds.get(behavior, 0.0), spent
+                )
 
     def _refuse(self, rpc_event: Any, state: Any, refusal: Refusal) -> None:
         details, trailing = refusal
@@ -278,6 +296,11 @@ class Dispatcher(futures.ThreadPoolExecutor):
     def _release_stream_slot(self, _job: object) -> None:
         with self._lock:
             self._open_streams -= 1
+
+
+def _moved(mean: float, sample: float) -> float:
+    """The running mean with one more sample (the first sample starts it)."""
+    return mean + (sample - mean) * _MEAN_WEIGHT if mean else sample
 
 
 def _still_wanted(state: Any, request: Any) -> Callable[[], Any]:
