@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -117,60 +117,66 @@ def _phases_slow_database(
     return {"saturation": saturation, "doubled": doubled}
 
 
-def _serve(
-    env: dict[str, str], transport: str, load: Load, log_path: Path
-) -> tuple[ServerProcess, Any]:
+def _measured(
+    env: dict[str, str],
+    transport: str,
+    load: Load,
+    log_path: Path,
+    phases: Callable[[ServerProcess], dict[str, Any]],
+) -> dict[str, Any]:
+    """``phases`` run against a fresh server of ``transport``, checked."""
     env = {**env, "BENCH_TRANSPORT": transport}
     env["APIKEYS_MAX_STREAMS_PER_CONNECTION"] = STREAMS_PER_CONNECTION
-    log = open(log_path, "ab")  # noqa: SIM115 - closed by the caller with the server
-    return ServerProcess("verify", env, load.server_core, log), log
+    with open(log_path, "ab") as log:
+        server = ServerProcess("verify", env, load.server_core, log)
+        try:
+            return _checked(phases(server), transport)
+        finally:
+            server.stop()
 
 
 def run(load: Load, directory: Path, postgres_url: str | None) -> dict[str, Any]:
     small = fixtures.prepare(fixtures.sqlite_url(directory, "overload.db"), 1000)
     hits = workloads.valid(small.caller, small.keys, small.feed_position).make(0)
     env = {"APIKEYS_DATABASE_URL": small.url, "APIKEYS_CACHE_TTL_SECONDS": "3600"}
+    log_path = directory / "server.log"
     result: dict[str, Any] = {"cache_hit": {}, "slow_database": {}, "slow_skipped": ""}
+
+    def cache_hits(server: ServerProcess) -> dict[str, Any]:
+        wrong = sample(server.port, small.caller, hits[:20])
+        if wrong:
+            raise RuntimeError(f"cache hit: {wrong[0]}")
+        return _phases_cache_hit(load, server, small.caller, hits)
+
     for transport, _ in TRANSPORTS:
-        server, log = _serve(env, transport, load, directory / "server.log")
-        try:
-            wrong = sample(server.port, small.caller, hits[:20])
-            if wrong:
-                raise RuntimeError(f"{transport}: {wrong[0]}")
-            phases = _phases_cache_hit(load, server, small.caller, hits)
-            result["cache_hit"][transport] = _checked(phases, f"{transport}, cache hit")
-        finally:
-            server.stop()
-            log.close()
-        _say(transport, "cache hit", result["cache_hit"][transport]["saturation"])
+        phases = _measured(env, transport, load, log_path, cache_hits)
+        result["cache_hit"][transport] = phases
+        _say(transport, "cache hit", phases["saturation"])
     if postgres_url is None:
         result["slow_skipped"] = "no PostgreSQL asked for"
         return result
     with fixtures.postgres_database(postgres_url) as url:
         database = fixtures.prepare(url, 1000)
         misses = workloads.valid(database.caller, database.keys, database.feed_position).make(0)
+        direct = make_url(url)
         for transport, _ in TRANSPORTS:
-            direct = make_url(url)
             proxy = TcpProxy((direct.host or "127.0.0.1", direct.port or 5432), lifetime=600.0)
+            proxied = direct.set(host="127.0.0.1", port=proxy.port)
+            slow = {
+                "APIKEYS_DATABASE_URL": proxied.render_as_string(hide_password=False),
+                "APIKEYS_CACHE_SIZE": "100",
+            }
+
+            def slow_database(server: ServerProcess, proxy: TcpProxy = proxy) -> dict[str, Any]:
+                proxy.delay = SLOW_DATABASE_SECONDS
+                return _phases_slow_database(load, server, database.caller, misses)
+
             try:
-                proxied = direct.set(host="127.0.0.1", port=proxy.port)
-                slow = {
-                    "APIKEYS_DATABASE_URL": proxied.render_as_string(hide_password=False),
-                    "APIKEYS_CACHE_SIZE": "100",
-                }
-                server, log = _serve(slow, transport, load, directory / "server.log")
-                try:
-                    proxy.delay = SLOW_DATABASE_SECONDS
-                    phases = _phases_slow_database(load, server, database.caller, misses)
-                    result["slow_database"][transport] = _checked(
-                        phases, f"{transport}, slow database"
-                    )
-                finally:
-                    server.stop()
-                    log.close()
+                phases = _measured(slow, transport, load, log_path, slow_database)
             finally:
                 proxy.stop()
-            _say(transport, "slow database", result["slow_database"][transport]["saturation"])
+            result["slow_database"][transport] = phases
+            _say(transport, "slow database", phases["saturation"])
     return result
 
 

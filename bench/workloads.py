@@ -29,11 +29,18 @@ def request(key: str) -> bytes:
 
 
 def _valid_answer(key: BenchKey, position: int) -> bytes:
-    # Built from the fixture's own data, not by the server's converter under test.
+    return _key_answer(key, position, key_verifier_pb2.VERIFY_CODE_VALID, 200)
+
+
+def _key_answer(
+    key: BenchKey, position: int, code: "key_verifier_pb2.VerifyCode.ValueType", status: int
+) -> bytes:
+    """An answer naming the key. Built from the fixture's own data, not by the server's
+    converter under test."""
     return key_verifier_pb2.VerifyResponse(
-        valid=True,
-        code=key_verifier_pb2.VERIFY_CODE_VALID,
-        http_status=200,
+        valid=code == key_verifier_pb2.VERIFY_CODE_VALID,
+        code=code,
+        http_status=status,
         key_id=key.record.id,
         tenant_id=TENANT,
         name=key.record.name,
@@ -94,14 +101,5 @@ def unknown_fresh(caller: str, position: int) -> Workload:
 
 def revoked(caller: str, key: BenchKey, position: int) -> Workload:
     """One revoked key, every call: the tripwire's flood (REVOKED, the key named)."""
-    answer = key_verifier_pb2.VerifyResponse(
-        valid=False,
-        code=key_verifier_pb2.VERIFY_CODE_REVOKED,
-        http_status=401,
-        key_id=key.record.id,
-        tenant_id=TENANT,
-        name=key.record.name,
-        scopes=sorted(GRANTED),
-        feed_position=position,
-    ).SerializeToString()
+    answer = _key_answer(key, position, key_verifier_pb2.VERIFY_CODE_REVOKED, 401)
     return Workload(caller, _cycle([(request(key.secret), answer)]), "1 revoked key, every call")
