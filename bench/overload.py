@@ -45,52 +45,37 @@ SLOW_DATABASE_SECONDS = 0.010
 STREAMS_PER_CONNECTION = "5000"
 
 
-def _phases_cache_hit(
-    load: Load, server: ServerProcess, caller: str, calls: list[Call]
+def _phases(
+    load: Load, server: ServerProcess, caller: str, calls: list[Call], abuse: bool
 ) -> dict[str, Any]:
-    saturation = run_h2gen(server.port, server.pid, caller, calls, load, None)
-    crowded = run_h2gen(
-        server.port,
-        server.pid,
-        caller,
-        calls,
-        replace(load, depth=100),
-        None,
-        deadline_ms=DEADLINE_MS,
-    )
-    doubled = run_h2gen(
-        server.port,
-        server.pid,
-        caller,
-        calls,
-        replace(load, warmup=0.5),
-        2 * saturation["throughput"],
-        deadline_ms=DEADLINE_MS,
-        depth=100_000,
-    )
-    probe = replace(load, warmup=0.2, latency_seconds=3.0, connections=1)
-    quiet = run_h2gen(
-        server.port,
-        server.pid,
-        caller,
-        calls,
-        probe,
-        PROBE_RATE,
-        deadline_ms=PROBE_DEADLINE_MS,
-        depth=10_000,
-    )
-    with UnfinishedStreams(server.port, VERIFY_PATH, connections=10, streams=100):
-        time.sleep(0.5)
-        abused = run_h2gen(
+    """Saturation, then twice its rate; with ``abuse``, also 400 in flight and the probes."""
+
+    def generate(
+        phase: Load, rate: float | None, deadline_ms: int | None, depth: int | None = None
+    ) -> dict[str, Any]:
+        return run_h2gen(
             server.port,
             server.pid,
             caller,
             calls,
-            probe,
-            PROBE_RATE,
-            deadline_ms=PROBE_DEADLINE_MS,
-            depth=10_000,
+            phase,
+            rate,
+            deadline_ms=deadline_ms,
+            depth=depth,
         )
+
+    saturation = generate(load, None, None)
+    doubled = generate(
+        replace(load, warmup=0.5), 2 * saturation["throughput"], DEADLINE_MS, 100_000
+    )
+    if not abuse:
+        return {"saturation": saturation, "doubled": doubled}
+    crowded = generate(replace(load, depth=100), None, DEADLINE_MS)
+    probe = replace(load, warmup=0.2, latency_seconds=3.0, connections=1)
+    quiet = generate(probe, PROBE_RATE, PROBE_DEADLINE_MS, 10_000)
+    with UnfinishedStreams(server.port, VERIFY_PATH, connections=10, streams=100):
+        time.sleep(0.5)
+        abused = generate(probe, PROBE_RATE, PROBE_DEADLINE_MS, 10_000)
     return {
         "saturation": saturation,
         "crowded": crowded,
@@ -98,23 +83,6 @@ def _phases_cache_hit(
         "probe_quiet": quiet,
         "probe_abused": abused,
     }
-
-
-def _phases_slow_database(
-    load: Load, server: ServerProcess, caller: str, calls: list[Call]
-) -> dict[str, Any]:
-    saturation = run_h2gen(server.port, server.pid, caller, calls, load, None)
-    doubled = run_h2gen(
-        server.port,
-        server.pid,
-        caller,
-        calls,
-        replace(load, warmup=0.5),
-        2 * saturation["throughput"],
-        deadline_ms=DEADLINE_MS,
-        depth=100_000,
-    )
-    return {"saturation": saturation, "doubled": doubled}
 
 
 def _measured(
@@ -146,7 +114,7 @@ def run(load: Load, directory: Path, postgres_url: str | None) -> dict[str, Any]
         wrong = sample(server.port, small.caller, hits[:20])
         if wrong:
             raise RuntimeError(f"cache hit: {wrong[0]}")
-        return _phases_cache_hit(load, server, small.caller, hits)
+        return _phases(load, server, small.caller, hits, abuse=True)
 
     for transport, _ in TRANSPORTS:
         phases = _measured(env, transport, load, log_path, cache_hits)
@@ -169,7 +137,7 @@ def run(load: Load, directory: Path, postgres_url: str | None) -> dict[str, Any]
 
             def slow_database(server: ServerProcess, proxy: TcpProxy = proxy) -> dict[str, Any]:
                 proxy.delay = SLOW_DATABASE_SECONDS
-                return _phases_slow_database(load, server, database.caller, misses)
+                return _phases(load, server, database.caller, misses, abuse=False)
 
             try:
                 phases = _measured(slow, transport, load, log_path, slow_database)
