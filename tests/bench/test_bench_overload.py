@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+SHORT = ["--seconds", "0.3", "--no-postgres", "--no-markdown"]
 
 
 @pytest.mark.e2e
@@ -18,8 +19,7 @@ def test_a_short_run_completes_with_right_answers() -> None:
     """Every phase on both transports runs; a wrong or reset answer would fail the run."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("APIKEYS_")}
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "overload", "--seconds", "0.3", "--no-postgres"]
-        + ["--no-markdown"],
+        [sys.executable, "-m", "bench", "overload", *SHORT],
         cwd=ROOT,
         env=env,
         capture_output=True,
