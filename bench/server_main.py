@@ -34,12 +34,13 @@ from bench.echo import AuthenticatedEchoVerifier, EchoVerifier, echo_server, sto
 # name -> (module, attribute path). Patched on the class or module the caller looks them up in.
 SEGMENTS: dict[str, tuple[str, str]] = {
     "caller_key": ("apikeys_server.rpc.key_verifier", "caller_key"),
-    "authenticate": ("apikeys_server.domain.verifier", "Verifier.authenticate"),
+    "authenticate": ("apikeys_server.domain.verifier", "Verifier._authenticate"),
     "verify": ("apikeys_server.domain.verifier", "Verifier.verify"),
     "verify_response": ("apikeys_server.rpc.convert", "verify_response"),
     "check": ("apikeys_server.domain.verifier", "Verifier.check"),
     "is_well_formed": ("apikeys_server.domain.key_format", "KeyFormat.is_well_formed"),
     "digest": ("apikeys_server.domain.verifier", "digest"),
+    "cache_read": ("apikeys_server.storage.cache", "KeyCache.cached"),
     "cache_lookup": ("apikeys_server.storage.cache", "CachedKeyLookup.find_by_digest"),
     "store_lookup": ("apikeys_server.storage.repository", "SqlKeyStore.find_by_digest"),
     "cache_put": ("apikeys_server.storage.cache", "KeyCache.put"),
