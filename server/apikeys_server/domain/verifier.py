@@ -27,7 +27,7 @@ from apikeys_server.domain.ports import (
 )
 from apikeys_server.domain.records import KeyState, VerifyRecord, key_state
 from apikeys_server.domain.scopes import ScopeCatalog
-from apikeys_server.domain.validation import shown
+from apikeys_server.domain.validation import PLATFORM_TENANT, shown
 from apikeys_server.domain.verification import (
     MALFORMED,
     MISSING,
@@ -92,8 +92,14 @@ class Verifier:
     ) -> VerifyResult:
         """Verify as asked by ``caller``: needs apikeys:verify and acts on the caller's tenants.
         ``now``: the time to judge the key at (default: the clock's, read after the lookup)."""
-        caller.require(reserved.VERIFY)
-        tenant = caller.resolve_tenant(tenant_id)
+        # What require() and resolve_tenant() decide, asked only when it is not plain: the
+        # caller holds the scope and names its own tenant (a tenant key).
+        if reserved.VERIFY not in caller.scopes:
+            caller.require(reserved.VERIFY)
+        if tenant_id == caller.tenant_id and tenant_id != PLATFORM_TENANT:
+            tenant = tenant_id
+        else:
+            tenant = caller.resolve_tenant(tenant_id)
         required = frozenset(required_scopes)
         if not required <= self._catalog.names:
             unknown = sorted(required - self._catalog.names)[0]
