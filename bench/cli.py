@@ -178,7 +178,8 @@ def _databases(options: Options, directory: Path) -> Iterator[Databases]:
 
 
 def _scenarios(options: Options, dbs: Databases) -> list[tuple[Scenario, str]]:
-    """The sequence of a round, echo first and last; each with the database it runs on.
+    """The sequence of a round, both ceilings (echo, authenticated echo) first and last; each
+    with the database it runs on.
 
     The positive cache TTL is raised to an hour except for the misses, so that "cache hit"
     means every call hits (with the default 1 s a key is fetched again once a second).
@@ -194,8 +195,16 @@ def _scenarios(options: Options, dbs: Databases) -> list[tuple[Scenario, str]]:
         note="the ceiling: same server factory and settings, constant answer",
         fixed_body=True,
     )
+    authenticated = replace(
+        echo,
+        name="authenticated echo",
+        mode="echo-auth",
+        env={"APIKEYS_DATABASE_URL": small.url},
+        note="the least an authenticated Verify must do: both keys hashed, looked up in a dict",
+    )
     found = [
         (echo, "—"),
+        (authenticated, "SQLite"),
         (
             Scenario(
                 "cache hit",
@@ -261,7 +270,7 @@ def _scenarios(options: Options, dbs: Databases) -> list[tuple[Scenario, str]]:
         )
         found.append((scenario, f"{kind}, {database.rows:,} keys"))
     if not options.smoke:
-        found.append((echo, "—"))
+        found += [(authenticated, "SQLite"), (echo, "—")]
     if options.gc != "serve":
         found = [(replace(s, env={**s.env, "BENCH_GC": options.gc}), db) for s, db in found]
     return found

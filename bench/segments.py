@@ -5,8 +5,9 @@ their thread's CPU clock (see ``bench.server_main.SEGMENTS``). Each server run t
 of parts that do not nest, so no figure contains another part's timers; the handler's own
 total comes from a run that times nothing else. Figures are µs of CPU per Verify call (a part
 called twice a call, like the key check for the caller and for the presented key, counts
-both), each with some 0.5-1 µs of the timing itself in it. Not part of ``make bench``: the
-timers cost about what they measure.
+both), each with some 0.5-1 µs of the timing itself in it. The first column is the
+authenticated echo's handler (bench/echo.py), the least any authenticated Verify must do,
+timed the same way. Not part of ``make bench``: the timers cost about what they measure.
 """
 
 import argparse
@@ -22,19 +23,25 @@ from bench.workloads import Workload
 
 # Parts that do not nest go in the same run (bench.server_main.SEGMENTS names them):
 # the handler calls caller_key, authenticate, verify, verify_response; verify calls check;
-# authenticate and check call the leaves; cache_lookup calls store_lookup and cache_put.
+# authenticate and check call the leaves: digest, cache_read (the cache alone, asked first),
+# and on a miss is_well_formed and cache_lookup, which calls cache_read again (the miss
+# counted), store_lookup and cache_put.
 GROUPS: tuple[tuple[str, ...], ...] = (
     (),
     ("caller_key", "authenticate", "verify", "verify_response"),
     ("check",),
-    ("is_well_formed", "digest", "cache_lookup", "last_used", "clock"),
+    ("is_well_formed", "digest", "cache_read", "last_used", "clock"),
+    ("cache_lookup",),
     ("store_lookup", "cache_put"),
 )
+# The reference: the authenticated echo's handler (bench/echo.py), timed the same way.
+REFERENCE = "authenticated echo"
 
 
 def _scenarios(db: fixtures.BenchDatabase) -> dict[str, tuple[dict[str, str], Workload]]:
     hits = {"APIKEYS_DATABASE_URL": db.url, "APIKEYS_CACHE_TTL_SECONDS": "3600"}
     return {
+        REFERENCE: ({"APIKEYS_DATABASE_URL": db.url}, workloads.echo(db.caller, db.keys)),
         "cache hit": (hits, workloads.valid(db.caller, db.keys, db.feed_position)),
         "malformed key": (hits, workloads.malformed(db.caller, len(db.keys))),
         "cache miss, SQLite": (
@@ -45,15 +52,16 @@ def _scenarios(db: fixtures.BenchDatabase) -> dict[str, tuple[dict[str, str], Wo
 
 
 def measure(
-    env: dict[str, str], workload: Workload, load: Load, log_path: Path
+    env: dict[str, str], workload: Workload, load: Load, log_path: Path, mode: str = "verify"
 ) -> dict[str, tuple[float, float]]:
-    """name -> (µs per Verify call, calls per Verify call); "handler" is the whole handler."""
+    """name -> (µs per Verify call, calls per Verify call); "handler" is the whole handler.
+    ``mode`` "echo-auth": the authenticated echo's handler alone."""
     found: dict[str, tuple[float, float]] = {}
     calls = workload.make(0)
     with open(log_path, "ab") as log:
-        for group in GROUPS:
+        for group in GROUPS if mode == "verify" else ((),):
             server = ServerProcess(
-                "verify", {**env, "BENCH_SEGMENTS": ",".join(group)}, load.server_core, log
+                mode, {**env, "BENCH_SEGMENTS": ",".join(group)}, load.server_core, log
             )
             try:
                 run_h2gen(server.port, server.pid, workload.caller, calls, load, None)
@@ -93,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = {}
         for name, (env, workload) in _scenarios(db).items():
             print(f"[segments] {name}", file=sys.stderr, flush=True)
-            results[name] = measure(env, workload, load, directory / "servers.log")
+            mode = "echo-auth" if name == REFERENCE else "verify"
+            results[name] = measure(env, workload, load, directory / "servers.log", mode)
     names = ["handler"] + [part for group in GROUPS for part in group]
     header = ["part of Verify", *(f"{scenario} µs (×/call)" for scenario in results)]
     rows = [header]

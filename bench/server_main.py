@@ -1,4 +1,4 @@
-"""A benchmark server process: ``python -m bench.server_main echo|verify``.
+"""A benchmark server process: ``python -m bench.server_main echo|echo-auth|verify``.
 
 Settings come from the APIKEYS_* environment, like ``apikeys-server serve``, with the port
 forced to a free one. Prints ``READY <port>`` once serving; stops when stdin closes, then
@@ -28,18 +28,19 @@ from apikeys_server.app import create_server
 from apikeys_server.config import Settings
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
 from bench import echo
-from bench.echo import EchoVerifier, echo_server
+from bench.echo import AuthenticatedEchoVerifier, EchoVerifier, echo_server, stored_digests
 
 # Parts of the Verify path that ``python -m bench.segments`` can time inside the server:
 # name -> (module, attribute path). Patched on the class or module the caller looks them up in.
 SEGMENTS: dict[str, tuple[str, str]] = {
     "caller_key": ("apikeys_server.rpc.key_verifier", "caller_key"),
-    "authenticate": ("apikeys_server.domain.verifier", "Verifier.authenticate"),
+    "authenticate": ("apikeys_server.domain.verifier", "Verifier._authenticate"),
     "verify": ("apikeys_server.domain.verifier", "Verifier.verify"),
     "verify_response": ("apikeys_server.rpc.convert", "verify_response"),
     "check": ("apikeys_server.domain.verifier", "Verifier.check"),
     "is_well_formed": ("apikeys_server.domain.key_format", "KeyFormat.is_well_formed"),
     "digest": ("apikeys_server.domain.verifier", "digest"),
+    "cache_read": ("apikeys_server.storage.cache", "KeyCache.cached"),
     "cache_lookup": ("apikeys_server.storage.cache", "CachedKeyLookup.find_by_digest"),
     "store_lookup": ("apikeys_server.storage.repository", "SqlKeyStore.find_by_digest"),
     "cache_put": ("apikeys_server.storage.cache", "KeyCache.put"),
@@ -111,9 +112,16 @@ def main(argv: list[str]) -> int:
     clock = HandlerClock()
     segments = _segment_clocks(os.environ.get("BENCH_SEGMENTS", ""))
     stop: Callable[[], object]
-    if mode == "echo":
-        clock.wrap(EchoVerifier, "Verify")
-        server, port = echo_server(settings)
+    if mode in ("echo", "echo-auth"):
+        servicer: EchoVerifier
+        if mode == "echo":
+            clock.wrap(EchoVerifier, "Verify")
+            servicer = EchoVerifier()
+        else:
+            # The keys of the scenario's database (APIKEYS_DATABASE_URL), for its dict.
+            clock.wrap(AuthenticatedEchoVerifier, "Verify")
+            servicer = AuthenticatedEchoVerifier(stored_digests(settings.database_url))
+        server, port = echo_server(settings, servicer)
         server.start()
         stop = lambda: server.stop(0).wait()  # noqa: E731
     elif mode == "verify":
@@ -123,7 +131,7 @@ def main(argv: list[str]) -> int:
         port = app.port
         stop = lambda: app.stop(0)  # noqa: E731
     else:
-        print(f"unknown mode {mode!r}: echo or verify", file=sys.stderr)
+        print(f"unknown mode {mode!r}: echo, echo-auth or verify", file=sys.stderr)
         return 2
     # What `python -m bench --gc` asks of both servers alike (default: as `serve` runs).
     collector = os.environ.get("BENCH_GC", "serve")

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT_SECONDS = 180
 SCENARIOS = {
     "echo (first)",
+    "authenticated echo (first)",
     "cache hit",
     "malformed key",
     "unknown key (repeated)",
@@ -63,7 +64,7 @@ class TestBenchSmoke:
         assert smoke["result"]["options"]["smoke"] is True
 
     def test_every_scenario_ran(self, smoke: dict[str, Any]) -> None:
-        """Echo, cache hit and miss, malformed and unknown keys each completed calls."""
+        """Both ceilings, cache hit and miss, malformed and unknown keys each completed calls."""
         rows = {row["scenario"]: row for row in smoke["result"]["rows"]}
         assert set(rows) == SCENARIOS
         for row in rows.values():

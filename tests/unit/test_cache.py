@@ -327,3 +327,66 @@ def test_stats_count_hits_misses_and_evictions() -> None:
     cache.evict(b"a")
     assert cache.stats().evictions == 1
     assert cache.stats().negative_size == 0
+
+
+class TestCachedAlone:
+    def test_cached_counts_hits_not_misses(self) -> None:
+        """``cached`` answers hits and negative hits (counted) and MISS without counting it."""
+        cache = make_cache()
+        put(cache, 1, record(1))
+        put(cache, 2, None)
+        assert cache.cached(digest_of(1)) == record(1)
+        assert cache.cached(digest_of(2)) is None
+        assert cache.cached(digest_of(3)) is MISS
+        stats = cache.stats()
+        assert (stats.hits, stats.negative_hits, stats.misses) == (1, 1, 0)
+        assert cache.get(digest_of(3)) is MISS
+        assert cache.stats().misses == 1
+
+    def test_cached_honours_trust_and_expiry(self) -> None:
+        """Past the trust deadline or the entry's TTL, ``cached`` is a MISS like ``get``."""
+        timer = FakeTimer()
+        cache = make_cache(timer=timer)
+        put(cache, 1, record(1))
+        cache.trust_until(timer.now - 1)
+        assert cache.cached(digest_of(1)) is MISS
+        cache.trust_until(math.inf)
+        timer.now += 2  # past the 1 s TTL
+        assert cache.cached(digest_of(1)) is MISS
+
+    def test_lookup_shares_the_cached_read(self) -> None:
+        """CachedKeyLookup.cached is the cache's own: the Verifier asks it before a shape check."""
+        cache = make_cache()
+        lookup = CachedKeyLookup(CountingSource(record(1)), cache)
+        assert lookup.cached(digest_of(1)) is MISS
+        lookup.find_by_digest(digest_of(1))
+        assert lookup.cached(digest_of(1)) == record(1)
+
+
+class TestLruRead:
+    def _least_recent_is_dropped(self) -> None:
+        cache = make_cache(maxsize=2)
+        put(cache, 1, record(1))
+        put(cache, 2, record(2))
+        assert cache.get(digest_of(1)) == record(1)  # 1 is now the most recently used
+        put(cache, 3, record(3))
+        assert cache.get(digest_of(2)) is MISS
+        assert cache.get(digest_of(1)) == record(1)
+        assert cache.get(digest_of(3)) == record(3)
+
+    def test_read_marks_as_used(self) -> None:
+        """A read through cachetools' own dict and order moves the entry to the end (LRU)."""
+        self._least_recent_is_dropped()
+
+    def test_public_read_when_cachetools_differs(self, monkeypatch) -> None:
+        """Without cachetools' private members, the public get is used, with the same LRU order."""
+        from apikeys_server.storage import cache as module
+
+        monkeypatch.setattr(module, "_internals", lambda entries: None)
+        self._least_recent_is_dropped()
+
+    def test_cachetools_internals_are_found(self) -> None:
+        """The installed cachetools has the members the cheap read uses (else it falls back)."""
+        from apikeys_server.storage import cache as module
+
+        assert module._internals(module._CountingLru(2)) is not None

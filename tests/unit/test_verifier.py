@@ -8,6 +8,7 @@ from apikeys_server.domain import scopes
 from apikeys_server.domain.access import Caller
 from apikeys_server.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from apikeys_server.domain.key_format import KeyFormat, digest
+from apikeys_server.domain.ports import MISS, Uncached
 from apikeys_server.domain.records import KeyRecord, VerifyRecord
 from apikeys_server.domain.scopes import load_catalog
 from apikeys_server.domain.validation import PLATFORM_TENANT
@@ -272,3 +273,91 @@ class TestAuthenticate:
         with pytest.raises(Unauthenticated, match="not a well-formed key"):
             harness.verifier.authenticate(KeyFormat("wc_test").generate())
         assert harness.lookup.calls == []
+
+
+class CachedDictLookup(DictLookup):
+    """A lookup with a cache in front (as storage's CachedKeyLookup): ``cached`` answers the
+    digests in ``held`` (None: known absent) and MISS for the rest, counted in ``asked``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[bytes, VerifyRecord | None] = {}
+        self.asked: list[bytes] = []
+
+    def cached(self, digest: bytes) -> VerifyRecord | Uncached | None:
+        self.asked.append(digest)
+        return self.held.get(digest, MISS)
+
+
+class TestDigestFirst:
+    """With a cache in front, a key's digest is asked of the cache before its shape check."""
+
+    @pytest.fixture
+    def harness(self) -> Harness:
+        harness = Harness()
+        harness.lookup = CachedDictLookup()
+        harness.verifier = Verifier(
+            FORMAT, harness.lookup, load_catalog(None), harness.clock, harness.usage
+        )
+        return harness
+
+    def test_cached_key_skips_the_shape_check(self, harness: Harness, monkeypatch) -> None:
+        """A digest the cache holds is answered without the checksum and without a lookup."""
+        secret, record = harness.key()
+        harness.lookup.held[record.digest] = record
+
+        def refuse(self: KeyFormat, key: str) -> bool:
+            raise AssertionError("shape check on a cached key")
+
+        monkeypatch.setattr(KeyFormat, "is_well_formed", refuse)
+        result = harness.verifier.check(secret, "acme", frozenset({"passes:read"}))
+        assert result.code is VerifyCode.VALID
+        assert harness.lookup.calls == []
+        assert harness.usage.recorded == [(record.id, START)]
+
+    def test_negative_entry_is_not_found_without_lookup(self, harness: Harness) -> None:
+        """A digest the cache knows to be absent is NOT_FOUND without a lookup."""
+        secret = FORMAT.generate()
+        harness.lookup.held[digest(secret)] = None
+        assert harness.verifier.check(secret, "acme", frozenset()).code is VerifyCode.NOT_FOUND
+        assert harness.lookup.calls == []
+
+    def test_miss_is_shape_checked_then_looked_up(self, harness: Harness) -> None:
+        """On a miss the key is shape-checked, then looked up by the digest already made."""
+        secret, _ = harness.key()
+        result = harness.verifier.check(secret, "acme", frozenset())
+        assert result.code is VerifyCode.VALID
+        assert harness.lookup.asked == [digest(secret)]
+        assert harness.lookup.calls == [digest(secret)]
+
+    def test_malformed_miss_is_not_looked_up(self, harness: Harness) -> None:
+        """A right-length key with a bad checksum misses the cache and is MALFORMED, unlooked-up."""
+        secret, _ = harness.key()
+        typo = secret[:-1] + ("0" if secret[-1] != "0" else "1")
+        assert harness.verifier.check(typo, "acme", frozenset()).code is VerifyCode.MALFORMED
+        assert harness.lookup.calls == []
+
+    def test_other_prefix_is_refused_even_if_cached(self, harness: Harness) -> None:
+        """A key of another deployment's prefix is MALFORMED before the cache is even asked."""
+        other = KeyFormat("wc_test").generate()
+        harness.lookup.held[digest(other)] = None
+        assert harness.verifier.check(other, "acme", frozenset()).code is VerifyCode.MALFORMED
+        assert harness.lookup.asked == []
+        assert harness.lookup.calls == []
+
+    def test_verify_as_reads_the_clock_once(self, harness: Harness) -> None:
+        """Caller and key are judged at one clock reading, recorded as both keys' last use."""
+        caller_secret, caller = harness.key(key_scopes={scopes.VERIFY})
+        secret, record = harness.key()
+        reads = []
+        now = harness.clock.now
+
+        def counted() -> datetime:
+            reads.append(1)
+            return now()
+
+        harness.clock.now = counted  # type: ignore[method-assign]
+        result = harness.verifier.verify_as(caller_secret, secret, "acme", ["passes:read"])
+        assert result.code is VerifyCode.VALID
+        assert len(reads) == 1
+        assert harness.usage.recorded == [(caller.id, START), (record.id, START)]

@@ -58,6 +58,9 @@ class KeyFormat:
             )
         self.prefix = prefix
         body_length = RANDOM_LENGTH + CHECKSUM_LENGTH
+        # What every key of this deployment starts with, and the length of each.
+        self.head = prefix + "_"
+        self.length = len(self.head) + body_length
         self._shape = re.compile(re.escape(prefix) + f"_[0-9A-Za-z]{{{body_length}}}")
 
     def generate(self) -> str:

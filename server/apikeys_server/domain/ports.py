@@ -1,5 +1,6 @@
 """What the domain needs from storage and infrastructure, as protocols (implemented in storage/)."""
 
+import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,6 +20,17 @@ from apikeys_server.domain.records import (
 
 class KeyLookup(Protocol):
     def find_by_digest(self, digest: bytes) -> VerifyRecord | None: ...
+
+
+class Uncached(enum.Enum):
+    """What a cache answers for a digest it does not hold, or no longer trusts. A KeyLookup
+    with a cache in front may also offer ``cached(digest) -> VerifyRecord | Uncached | None``,
+    the cache alone (storage/cache.py): the Verifier asks it before a key's shape check."""
+
+    MISS = "miss"
+
+
+MISS = Uncached.MISS
 
 
 class UsageRecorder(Protocol):

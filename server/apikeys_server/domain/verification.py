@@ -44,12 +44,32 @@ def evaluate(
     """Tenant first (another tenant's key is NOT_FOUND: existence never leaks), state, scopes."""
     if key is None or key.tenant_id != tenant_id:
         return NOT_FOUND
-    state = key_state(key.revoked, key.expire_time, now)
-    if state is KeyState.REVOKED:
-        return VerifyResult(VerifyCode.REVOKED, key)
-    if state is KeyState.EXPIRED:
-        return VerifyResult(VerifyCode.EXPIRED, key)
+    # A key neither revoked nor with an expiry time is active at any time: no need to ask.
+    if key.revoked or key.expire_time is not None:
+        state = key_state(key.revoked, key.expire_time, now)
+        if state is KeyState.REVOKED:
+            return VerifyResult(VerifyCode.REVOKED, key)
+        if state is KeyState.EXPIRED:
+            return VerifyResult(VerifyCode.EXPIRED, key)
     if required_scopes <= key.scopes:
-        return VerifyResult(VerifyCode.VALID, key)
+        return valid(key)
     missing = tuple(sorted(required_scopes - key.scopes))
     return VerifyResult(VerifyCode.INSUFFICIENT_SCOPE, key, missing)
+
+
+def valid(key: VerifyRecord) -> VerifyResult:
+    """The VALID result of a key, one shared per record, so a cache hit allocates none: kept
+    by digest and checked by identity (a changed key is a new record). Bounded: starts over
+    when full."""
+    known = _VALID.get(key.digest)
+    if known is not None and known.key is key:
+        return known
+    result = VerifyResult(VerifyCode.VALID, key)
+    if len(_VALID) >= _VALID_MAX:
+        _VALID.clear()
+    _VALID[key.digest] = result
+    return result
+
+
+_VALID: dict[bytes, VerifyResult] = {}
+_VALID_MAX = 4096  # ~100 bytes each: the record is the cache's own

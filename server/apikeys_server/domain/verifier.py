@@ -1,16 +1,33 @@
-"""The hot path: shape check, digest, (cached) lookup, rules. Also authenticates callers."""
+"""The hot path: digest, cache, (shape check and lookup on a miss), rules. Also authenticates
+callers.
 
-from collections.abc import Sequence
+A cache hit does the least a key needs: SHA-256, one cache read, the rules. The shape check
+(alphabet and checksum) runs only when the cache does not know the digest: every digest the
+cache holds was stored after a lookup, which only a well-formed key of this deployment gets,
+so skipping it changes no answer. Prefix and length are compared before anything else (two
+string operations): a key of another deployment's prefix is refused without being hashed.
+"""
+
+import enum
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Final
 
 from apikeys_server.domain import scopes as reserved
 from apikeys_server.domain.access import Caller
 from apikeys_server.domain.clock import Clock
 from apikeys_server.domain.errors import InvalidArgument, Unauthenticated
 from apikeys_server.domain.key_format import KeyFormat, digest
-from apikeys_server.domain.ports import KeyLookup, TripwireRecorder, UsageRecorder
-from apikeys_server.domain.records import KeyState, key_state
+from apikeys_server.domain.ports import (
+    MISS,
+    KeyLookup,
+    TripwireRecorder,
+    Uncached,
+    UsageRecorder,
+)
+from apikeys_server.domain.records import KeyState, VerifyRecord, key_state
 from apikeys_server.domain.scopes import ScopeCatalog
-from apikeys_server.domain.validation import shown
+from apikeys_server.domain.validation import PLATFORM_TENANT, shown
 from apikeys_server.domain.verification import (
     MALFORMED,
     MISSING,
@@ -21,6 +38,16 @@ from apikeys_server.domain.verification import (
 
 # Codes of a key that exists but stopped working: presenting one trips the tripwire.
 _DEAD = frozenset({VerifyCode.REVOKED, VerifyCode.EXPIRED})
+
+
+class _Shape(enum.Enum):
+    MALFORMED = "malformed"
+
+
+# What _find answers for a key that fails the shape check (it was not looked up).
+_MALFORMED: Final = _Shape.MALFORMED
+# Callers built from recent records, one shared per record (a Caller is immutable): bounded.
+_CALLERS_MAX = 1024
 
 
 class Verifier:
@@ -39,13 +66,40 @@ class Verifier:
         self._clock = clock
         self._usage = usage
         self._tripwire = tripwire
+        # The cache alone, when the lookup has one in front (storage/cache.py): asked first.
+        self._cached: Callable[[bytes], VerifyRecord | Uncached | None] | None = getattr(
+            lookup, "cached", None
+        )
+        self._head = key_format.head
+        self._length = key_format.length
+        self._callers: dict[bytes, tuple[VerifyRecord, Caller]] = {}
+
+    def verify_as(
+        self, caller_key: str | None, key: str, tenant_id: str, required_scopes: Sequence[str]
+    ) -> VerifyResult:
+        """Verify, for the caller whose own key is ``caller_key``: ``authenticate`` then
+        ``verify``, with one clock read for both keys."""
+        caller, now = self._authenticate(caller_key)
+        return self.verify(caller, key, tenant_id, required_scopes, now)
 
     def verify(
-        self, caller: Caller, key: str, tenant_id: str, required_scopes: Sequence[str]
+        self,
+        caller: Caller,
+        key: str,
+        tenant_id: str,
+        required_scopes: Sequence[str],
+        now: datetime | None = None,
     ) -> VerifyResult:
-        """Verify as asked by ``caller``: needs apikeys:verify and acts on the caller's tenants."""
-        caller.require(reserved.VERIFY)
-        tenant = caller.resolve_tenant(tenant_id)
+        """Verify as asked by ``caller``: needs apikeys:verify and acts on the caller's tenants.
+        ``now``: the time to judge the key at (default: the clock's, read after the lookup)."""
+        # What require() and resolve_tenant() decide, asked only when it is not plain: the
+        # caller holds the scope and names its own tenant (a tenant key).
+        if reserved.VERIFY not in caller.scopes:
+            caller.require(reserved.VERIFY)
+        if tenant_id == caller.tenant_id and tenant_id != PLATFORM_TENANT:
+            tenant = tenant_id
+        else:
+            tenant = caller.resolve_tenant(tenant_id)
         required = frozenset(required_scopes)
         if not required <= self._catalog.names:
             unknown = sorted(required - self._catalog.names)[0]
@@ -54,17 +108,23 @@ class Verifier:
                 reason="SCOPE_NOT_IN_CATALOG",
                 field=f"required_scopes[{list(required_scopes).index(unknown)}]",
             )
-        return self.check(key, tenant, required, presenter=caller.key_id)
+        return self.check(key, tenant, required, presenter=caller.key_id, now=now)
 
     def check(
-        self, key: str, tenant_id: str, required: frozenset[str], presenter: str = ""
+        self,
+        key: str,
+        tenant_id: str,
+        required: frozenset[str],
+        presenter: str = "",
+        now: datetime | None = None,
     ) -> VerifyResult:
         if not key:
             return MISSING
-        if not self._format.is_well_formed(key):
+        record = self._find(key)
+        if record is _MALFORMED:
             return MALFORMED
-        record = self._lookup.find_by_digest(digest(key))
-        now = self._clock.now()
+        if now is None:
+            now = self._clock.now()
         result = evaluate(record, tenant_id, required, now)
         if record is not None:
             if result.valid:
@@ -76,27 +136,61 @@ class Verifier:
 
     def authenticate(self, key: str | None) -> Caller:
         """The caller of an RPC, from its own key; its scopes are checked by each operation."""
+        return self._authenticate(key)[0]
+
+    def _authenticate(self, key: str | None) -> tuple[Caller, datetime]:
+        """The caller, and the clock's time read for it (after its lookup)."""
         if not key:
             raise Unauthenticated(
                 "missing x-api-key metadata: send a key of this service",
                 reason="MISSING_CALLER_KEY",
             )
-        if not self._format.is_well_formed(key):
+        record = self._find(key)
+        if record is _MALFORMED:
             raise Unauthenticated(
                 "x-api-key is not a well-formed key of this deployment",
                 reason="MALFORMED_CALLER_KEY",
             )
-        record = self._lookup.find_by_digest(digest(key))
         if record is None:
             raise Unauthenticated("x-api-key is not a known key", reason="CALLER_KEY_NOT_KNOWN")
         now = self._clock.now()
-        # What evaluate() decides for a key in its own tenant with no scope required.
-        state = key_state(record.revoked, record.expire_time, now)
-        if state is not KeyState.ACTIVE:
-            if self._tripwire is not None:
-                self._tripwire.record_presented(record.id, record.tenant_id, now, record.id)
-            raise Unauthenticated(
-                f"x-api-key {record.id} is {state.value}", reason=f"CALLER_KEY_{state.name}"
-            )
+        # What evaluate() decides for a key in its own tenant with no scope required (a key
+        # neither revoked nor with an expiry time is active at any time).
+        if record.revoked or record.expire_time is not None:
+            state = key_state(record.revoked, record.expire_time, now)
+            if state is not KeyState.ACTIVE:
+                if self._tripwire is not None:
+                    self._tripwire.record_presented(record.id, record.tenant_id, now, record.id)
+                raise Unauthenticated(
+                    f"x-api-key {record.id} is {state.value}", reason=f"CALLER_KEY_{state.name}"
+                )
         self._usage.record(record.id, now)
-        return Caller(record.id, record.tenant_id, record.scopes)
+        return self._caller(record), now
+
+    def _caller(self, record: VerifyRecord) -> Caller:
+        """The Caller of a record, shared while the record is (kept by digest, checked by
+        identity: a changed key is a new record)."""
+        known = self._callers.get(record.digest)
+        if known is not None and known[0] is record:
+            return known[1]
+        caller = Caller(record.id, record.tenant_id, record.scopes)
+        if len(self._callers) >= _CALLERS_MAX:
+            self._callers.clear()
+        self._callers[record.digest] = (record, caller)
+        return caller
+
+    def _find(self, key: str) -> VerifyRecord | _Shape | None:
+        """The key's record (None: no such key), or _MALFORMED for a key that fails the shape
+        check, which is then not looked up. The cache is asked first (see the module's doc)."""
+        cached = self._cached
+        if cached is not None and len(key) == self._length and key.startswith(self._head):
+            key_digest = digest(key)
+            found = cached(key_digest)
+            if found is not MISS:
+                return found
+            if not self._format.is_well_formed(key):
+                return _MALFORMED
+            return self._lookup.find_by_digest(key_digest)
+        if not self._format.is_well_formed(key):
+            return _MALFORMED
+        return self._lookup.find_by_digest(digest(key))

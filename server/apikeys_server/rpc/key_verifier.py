@@ -34,9 +34,8 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
     ) -> key_verifier_pb2.VerifyResponse:
         # Read before the lookup: every change up to it was evicted before it was published.
         position = self._feed.position
-        caller = self._verifier.authenticate(caller_key(context))
-        result = self._verifier.verify(
-            caller, request.key, request.tenant_id, request.required_scopes
+        result = self._verifier.verify_as(
+            caller_key(context), request.key, request.tenant_id, request.required_scopes
         )
         response = convert.verify_response(result, position)
         if self._count is not None:
