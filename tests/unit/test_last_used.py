@@ -233,6 +233,58 @@ class TestLifecycle:
         assert len(written) == 2000
 
 
+class _SlowTime(datetime):
+    """A time whose comparisons take ``pause`` seconds: a thread preempted inside record()."""
+
+    pause = 0.0
+
+    def _slowly(self) -> None:
+        time.sleep(self.pause)
+
+    def __lt__(self, other: object) -> bool:
+        self._slowly()
+        return super().__lt__(other)  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> bool:
+        self._slowly()
+        return super().__gt__(other)  # type: ignore[operator]
+
+
+def _slow(when: datetime, pause: float) -> datetime:
+    made = _SlowTime.fromtimestamp(when.timestamp(), UTC)
+    made.pause = pause
+    return made
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+class TestConcurrentRecords:
+    @pytest.mark.parametrize("locked", [True, pytest.param(False, id="no-lock-negative-control")])
+    def test_a_late_writer_never_moves_a_time_back(self, store: FakeStore, locked: bool) -> None:
+        """Two verifies of one key race: the one with the older time is preempted between
+        reading the pending time and writing its own; the newer time must stay. Without the
+        lock the older one lands last (the negative control)."""
+        recorder = LastUsedRecorder(store, LONG)
+        if not locked:
+            recorder._lock = _NoLock()  # type: ignore[assignment]
+        recorder.record("key_a", T0)
+        older = threading.Thread(target=recorder.record, args=("key_a", _slow(T1, 0.2)))
+        newer = threading.Thread(target=recorder.record, args=("key_a", _slow(T2, 0.01)))
+        older.start()
+        time.sleep(0.05)  # the older verify is inside record(), comparing
+        newer.start()
+        older.join()
+        newer.join()
+        recorder.flush()
+        assert store.batches[-1]["key_a"] == (T2 if locked else T1)
+
+
 class TestTripwire:
     def _present(self, recorder: LastUsedRecorder, when: datetime, times: int = 1) -> None:
         for _ in range(times):
