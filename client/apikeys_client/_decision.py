@@ -26,9 +26,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import grpc
 
@@ -421,3 +421,69 @@ def callable_scopes(result: ScopeValue) -> tuple[str, ...] | None:
 
 
 TenantOf = str | Callable[[Any], str]
+R = TypeVar("R")
+Required = tuple[str, ...] | Literal[False] | None
+Match = Callable[[R], tuple[bool, tuple[str, ...] | None]]
+
+
+class Policy(Generic[R]):
+    """What an adapter was told of a request ``R`` (an ASGI scope, a WSGI environ, a gRPC
+    method name): the tenant it is for, and the scopes it needs — ``Required``: the scopes,
+    None (public) or False (refuse: not mapped). Each is a value or a callable of the request;
+    a mapping is looked up by the adapter's ``match``."""
+
+    def __init__(
+        self,
+        tenant_id: str | Callable[[R], str],
+        scopes_of: Callable[[R], ScopeValue] | None,
+        match: Match[R],
+        unmapped: Unmapped,
+    ) -> None:
+        self._tenant = tenant_id
+        self._scopes_of = scopes_of
+        self._match = match
+        self._unmapped = unmapped
+
+    @classmethod
+    def for_routes(
+        cls,
+        tenant_id: str | Callable[[R], str],
+        scopes: Mapping[tuple[str, str], ScopeValue] | Callable[[R], ScopeValue],
+        unmapped: Unmapped,
+        method_and_path: Callable[[R], tuple[str, str]],
+    ) -> Policy[R]:
+        """HTTP: ``scopes`` maps (method, path prefix); the longest prefix wins."""
+        if callable(scopes):
+            return cls(tenant_id, scopes, _unmatched, unmapped)
+        routes = normalise_routes(scopes)
+        return cls(
+            tenant_id, None, lambda request: longest_prefix(routes, *method_and_path(request)),
+            unmapped,
+        )  # fmt: skip
+
+    @classmethod
+    def for_methods(
+        cls,
+        tenant_id: str | Callable[[str], str],
+        scopes: Mapping[str, ScopeValue] | Callable[[str], ScopeValue],
+        unmapped: Unmapped,
+    ) -> Policy[str]:
+        """gRPC: ``scopes`` maps full method names."""
+        if callable(scopes):
+            return Policy(tenant_id, scopes, _unmatched, unmapped)
+        methods = {method: callable_scopes(value) for method, value in scopes.items()}
+        return Policy(
+            tenant_id, None, lambda method: (method in methods, methods.get(method)), unmapped
+        )
+
+    def required(self, request: R) -> Required:
+        if self._scopes_of is not None:
+            return callable_scopes(self._scopes_of(request))
+        return resolve_scopes(*self._match(request), self._unmapped)
+
+    def tenant(self, request: R) -> str:
+        return self._tenant if isinstance(self._tenant, str) else self._tenant(request)
+
+
+def _unmatched(_request: object) -> tuple[bool, tuple[str, ...] | None]:
+    return False, None

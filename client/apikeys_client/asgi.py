@@ -25,7 +25,7 @@ other scopes pass through untouched.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, Literal
+from typing import Any
 
 from apikeys_client._decision import (
     DEFAULT_HEADER,
@@ -34,13 +34,10 @@ from apikeys_client._decision import (
     Denial,
     Gate,
     Identity,
+    Policy,
     ScopeValue,
     Unmapped,
     Verifier,
-    callable_scopes,
-    longest_prefix,
-    normalise_routes,
-    resolve_scopes,
 )
 
 Scope = MutableMapping[str, Any]
@@ -66,14 +63,7 @@ class ApiKeyMiddleware:
         fail_open: bool = False,
     ) -> None:
         self.app = app
-        self._tenant = tenant_id
-        self._unmapped = unmapped
-        if callable(scopes):
-            self._scopes_of: Callable[[Scope], ScopeValue] | None = scopes
-            self._routes = []
-        else:
-            self._scopes_of = None
-            self._routes = normalise_routes(scopes)
+        self.policy = Policy.for_routes(tenant_id, scopes, unmapped, _method_and_path)
         self.gate = Gate(
             verifier,
             header=header,
@@ -87,7 +77,7 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        required = self._required(scope)
+        required = self.policy.required(scope)
         if required is None:
             await self.app(scope, receive, send)
             return
@@ -95,23 +85,13 @@ class ApiKeyMiddleware:
             decision: Identity | Denial = self.gate.unmapped()
         else:
             values = [value for name, value in scope.get("headers", ()) if name == self._header]
-            decision = await self.gate.decide_async(values, self._tenant_of(scope), required)
+            decision = await self.gate.decide_async(values, self.policy.tenant(scope), required)
         if isinstance(decision, Denial):
             await self._deny(scope, receive, send, decision)
             return
         state = dict(scope.get("state") or {})
         state["apikeys"] = decision
         await self.app({**scope, "apikeys": decision, "state": state}, receive, send)
-
-    def _tenant_of(self, scope: Scope) -> str:
-        return self._tenant if isinstance(self._tenant, str) else self._tenant(scope)
-
-    def _required(self, scope: Scope) -> tuple[str, ...] | Literal[False] | None:
-        if self._scopes_of is not None:
-            return callable_scopes(self._scopes_of(scope))
-        method = "GET" if scope["type"] == "websocket" else scope.get("method", "GET")
-        found, scopes = longest_prefix(self._routes, method.upper(), scope.get("path", "/"))
-        return resolve_scopes(found, scopes, self._unmapped)
 
     @staticmethod
     async def _deny(scope: Scope, receive: Receive, send: Send, denial: Denial) -> None:
@@ -125,3 +105,8 @@ class ApiKeyMiddleware:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": denial.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _method_and_path(scope: Scope) -> tuple[str, str]:
+    method = "GET" if scope["type"] == "websocket" else scope.get("method", "GET")
+    return method.upper(), scope.get("path", "/")

@@ -28,7 +28,7 @@ import contextlib
 import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -40,11 +40,10 @@ from apikeys_client._decision import (
     Denial,
     Gate,
     Identity,
+    Policy,
     ScopeValue,
     Unmapped,
     Verifier,
-    callable_scopes,
-    resolve_scopes,
 )
 
 __all__ = ["ApiKeyInterceptor", "AsyncApiKeyInterceptor", "Identity", "current_identity"]
@@ -80,26 +79,10 @@ class _Base:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         fail_open: bool = False,
     ) -> None:
-        self._tenant = tenant_id
-        self._unmapped = unmapped
-        if callable(scopes):
-            self._scopes_of: Callable[[str], ScopeValue] | None = scopes
-            self._methods: dict[str, tuple[str, ...] | None] = {}
-        else:
-            self._scopes_of = None
-            self._methods = {method: callable_scopes(value) for method, value in scopes.items()}
+        self.policy = Policy.for_methods(tenant_id, scopes, unmapped)
         self.gate = Gate(
             verifier, header=header, timeout=timeout, fail_open=fail_open, adapter=self._adapter
         )
-
-    def _required(self, method: str) -> tuple[str, ...] | Literal[False] | None:
-        if self._scopes_of is not None:
-            return callable_scopes(self._scopes_of(method))
-        found = method in self._methods
-        return resolve_scopes(found, self._methods.get(method), self._unmapped)
-
-    def _tenant_of(self, method: str) -> str:
-        return self._tenant if isinstance(self._tenant, str) else self._tenant(method)
 
     def _values(
         self, context: grpc.ServicerContext | grpc.aio.ServicerContext[Any, Any]
@@ -122,7 +105,7 @@ class ApiKeyInterceptor(_Base, _SyncInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        required = self._required(method)
+        required = self.policy.required(method)
         if required is None:
             return handler
 
@@ -131,7 +114,7 @@ class ApiKeyInterceptor(_Base, _SyncInterceptor):
                 decision: Identity | Denial = self.gate.unmapped()
             else:
                 decision = self.gate.decide(
-                    self._values(context), self._tenant_of(method), required
+                    self._values(context), self.policy.tenant(method), required
                 )
             if isinstance(decision, Denial):
                 context.abort(decision.grpc_code, decision.message)
@@ -214,7 +197,7 @@ class AsyncApiKeyInterceptor(_Base, _AsyncInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        required = self._required(method)
+        required = self.policy.required(method)
         if required is None:
             return handler
 
@@ -223,7 +206,7 @@ class AsyncApiKeyInterceptor(_Base, _AsyncInterceptor):
                 decision: Identity | Denial = self.gate.unmapped()
             else:
                 decision = await self.gate.decide_async(
-                    self._values(context), self._tenant_of(method), required
+                    self._values(context), self.policy.tenant(method), required
                 )
             if isinstance(decision, Denial):
                 await context.abort(decision.grpc_code, decision.message)

@@ -17,7 +17,7 @@ as malformed like several headers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from apikeys_client._decision import (
     DEFAULT_HEADER,
@@ -26,13 +26,10 @@ from apikeys_client._decision import (
     Denial,
     Gate,
     Identity,
+    Policy,
     ScopeValue,
     Unmapped,
     Verifier,
-    callable_scopes,
-    longest_prefix,
-    normalise_routes,
-    resolve_scopes,
 )
 
 if TYPE_CHECKING:
@@ -57,14 +54,7 @@ class ApiKeyMiddleware:
         fail_open: bool = False,
     ) -> None:
         self.app = app
-        self._tenant = tenant_id
-        self._unmapped = unmapped
-        if callable(scopes):
-            self._scopes_of: Callable[[WSGIEnvironment], ScopeValue] | None = scopes
-            self._routes = []
-        else:
-            self._scopes_of = None
-            self._routes = normalise_routes(scopes)
+        self.policy = Policy.for_routes(tenant_id, scopes, unmapped, _method_and_path)
         self.gate = Gate(
             verifier,
             header=header,
@@ -75,7 +65,7 @@ class ApiKeyMiddleware:
         self._environ_key = "HTTP_" + self.gate.header.upper().replace("-", "_")
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        required = self._required(environ)
+        required = self.policy.required(environ)
         if required is None:
             return self.app(environ, start_response)
         if required is False:
@@ -84,8 +74,7 @@ class ApiKeyMiddleware:
             value: Any = environ.get(self._environ_key)
             # PEP 3333: header values are latin-1 decoded str; back to the bytes sent.
             values = [] if value is None else [value.encode("latin-1", "replace")]
-            tenant = self._tenant if isinstance(self._tenant, str) else self._tenant(environ)
-            decision = self.gate.decide(values, tenant, required)
+            decision = self.gate.decide(values, self.policy.tenant(environ), required)
         if isinstance(decision, Denial):
             body = decision.body()
             headers = [*decision.headers(), ("content-length", str(len(body)))]
@@ -94,10 +83,8 @@ class ApiKeyMiddleware:
         environ[IDENTITY_KEY] = decision
         return self.app(environ, start_response)
 
-    def _required(self, environ: WSGIEnvironment) -> tuple[str, ...] | Literal[False] | None:
-        if self._scopes_of is not None:
-            return callable_scopes(self._scopes_of(environ))
-        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
-        path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", "")) or "/"
-        found, scopes = longest_prefix(self._routes, method, path)
-        return resolve_scopes(found, scopes, self._unmapped)
+
+def _method_and_path(environ: WSGIEnvironment) -> tuple[str, str]:
+    method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+    path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", "")) or "/"
+    return method, path
