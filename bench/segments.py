@@ -24,14 +24,14 @@ from bench.workloads import Workload
 # Parts that do not nest go in the same run (bench.server_main.SEGMENTS names them):
 # the handler calls caller_key, authenticate, verify, verify_response; verify calls check;
 # authenticate and check call the leaves: digest, cache_read (the cache alone, asked first),
-# and on a miss is_well_formed and cache_lookup, which calls cache_read again (the miss
-# counted), store_lookup and cache_put.
+# and on a miss is_well_formed and cache_load (the miss counted), which calls store_lookup
+# and cache_put.
 GROUPS: tuple[tuple[str, ...], ...] = (
     (),
     ("caller_key", "authenticate", "verify", "verify_response"),
     ("check",),
     ("is_well_formed", "digest", "cache_read", "last_used", "clock"),
-    ("cache_lookup",),
+    ("cache_load",),
     ("store_lookup", "cache_put"),
 )
 # The reference: the authenticated echo's handler (bench/echo.py), timed the same way.

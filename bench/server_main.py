@@ -41,7 +41,7 @@ SEGMENTS: dict[str, tuple[str, str]] = {
     "is_well_formed": ("apikeys_server.domain.key_format", "KeyFormat.is_well_formed"),
     "digest": ("apikeys_server.domain.verifier", "digest"),
     "cache_read": ("apikeys_server.storage.cache", "KeyCache.cached"),
-    "cache_lookup": ("apikeys_server.storage.cache", "CachedKeyLookup.find_by_digest"),
+    "cache_load": ("apikeys_server.storage.cache", "CachedKeyLookup.load"),
     "store_lookup": ("apikeys_server.storage.repository", "SqlKeyStore.find_by_digest"),
     "cache_put": ("apikeys_server.storage.cache", "KeyCache.put"),
     "last_used": ("apikeys_server.storage.last_used", "LastUsedRecorder.record"),

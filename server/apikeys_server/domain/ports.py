@@ -25,7 +25,8 @@ class KeyLookup(Protocol):
 class Uncached(enum.Enum):
     """What a cache answers for a digest it does not hold, or no longer trusts. A KeyLookup
     with a cache in front may also offer ``cached(digest) -> VerifyRecord | Uncached | None``,
-    the cache alone (storage/cache.py): the Verifier asks it before a key's shape check."""
+    the cache alone, and ``load(digest)``, the store alone (storage/cache.py): the Verifier
+    asks the cache before a key's shape check and loads only well-formed keys it missed."""
 
     MISS = "miss"
 

@@ -66,9 +66,13 @@ class Verifier:
         self._clock = clock
         self._usage = usage
         self._tripwire = tripwire
-        # The cache alone, when the lookup has one in front (storage/cache.py): asked first.
+        # The cache alone and the store alone, when the lookup has a cache in front
+        # (storage/cache.py): the cache is asked first, the store only for well-formed keys.
         self._cached: Callable[[bytes], VerifyRecord | Uncached | None] | None = getattr(
             lookup, "cached", None
+        )
+        self._load: Callable[[bytes], VerifyRecord | None] = getattr(
+            lookup, "load", lookup.find_by_digest
         )
         self._head = key_format.head
         self._length = key_format.length
@@ -190,7 +194,7 @@ class Verifier:
                 return found
             if not self._format.is_well_formed(key):
                 return _MALFORMED
-            return self._lookup.find_by_digest(key_digest)
+            return self._load(key_digest)
         if not self._format.is_well_formed(key):
             return _MALFORMED
         return self._lookup.find_by_digest(digest(key))

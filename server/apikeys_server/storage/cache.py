@@ -205,9 +205,13 @@ class KeyCache:
     def get(self, digest: bytes) -> VerifyRecord | Uncached | None:
         found = self.cached(digest)
         if found is MISS:
-            with self._lock:
-                self.misses += 1
+            self.missed()
         return found
+
+    def missed(self) -> None:
+        """Counts a lookup the cache could not answer (``cached`` leaves that to its caller)."""
+        with self._lock:
+            self.misses += 1
 
     def cached(self, digest: bytes) -> VerifyRecord | Uncached | None:
         """``get`` without counting a miss (a hit counts): for a caller that has yet to decide
@@ -280,8 +284,9 @@ class KeyCache:
 
 
 class CachedKeyLookup:
-    """A KeyLookup that answers from the cache and falls back to the store on a miss; its
-    ``cached`` asks the cache alone (the Verifier does, before it checks a key's shape)."""
+    """A KeyLookup that answers from the cache and falls back to the store on a miss. The
+    Verifier asks the two halves apart: ``cached``, the cache alone, before it checks a key's
+    shape; ``load``, the store, once the key is worth a lookup — so a miss reads the cache once."""
 
     def __init__(self, source: KeyLookup, cache: KeyCache) -> None:
         self._source = source
@@ -289,9 +294,15 @@ class CachedKeyLookup:
         self.cached = cache.cached
 
     def find_by_digest(self, digest: bytes) -> VerifyRecord | None:
-        cached = self._cache.get(digest)
+        cached = self._cache.cached(digest)
         if cached is not MISS:
             return cached
+        return self.load(digest)
+
+    def load(self, digest: bytes) -> VerifyRecord | None:
+        """The store's answer for a digest the cache did not hold, cached unless a change
+        came meanwhile (the generation)."""
+        self._cache.missed()
         generation = self._cache.generation
         record = self._source.find_by_digest(digest)
         self._cache.put(digest, record, generation)
