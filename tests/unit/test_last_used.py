@@ -237,8 +237,10 @@ class _SlowTime(datetime):
     """A time whose comparisons take ``pause`` seconds: a thread preempted inside record()."""
 
     pause = 0.0
+    comparing: threading.Event
 
     def _slowly(self) -> None:
+        self.comparing.set()
         time.sleep(self.pause)
 
     def __lt__(self, other: object) -> bool:
@@ -253,6 +255,7 @@ class _SlowTime(datetime):
 def _slow(when: datetime, pause: float) -> datetime:
     made = _SlowTime.fromtimestamp(when.timestamp(), UTC)
     made.pause = pause
+    made.comparing = threading.Event()
     return made
 
 
@@ -274,10 +277,11 @@ class TestConcurrentRecords:
         if not locked:
             recorder._lock = _NoLock()  # type: ignore[assignment]
         recorder.record("key_a", T0)
-        older = threading.Thread(target=recorder.record, args=("key_a", _slow(T1, 0.2)))
+        older_time = _slow(T1, 0.2)
+        older = threading.Thread(target=recorder.record, args=("key_a", older_time))
         newer = threading.Thread(target=recorder.record, args=("key_a", _slow(T2, 0.01)))
         older.start()
-        time.sleep(0.05)  # the older verify is inside record(), comparing
+        assert older_time.comparing.wait(5)  # the older verify is inside record(), comparing
         newer.start()
         older.join()
         newer.join()
