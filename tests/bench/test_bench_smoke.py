@@ -7,10 +7,6 @@ run) and that the service answered every call as expected.
 
 import base64
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +16,8 @@ from apikeys_server.config import Settings
 from bench import h2gen
 from bench.echo import ECHO_RESPONSE, echo_server
 from bench.workloads import VERIFY_PATH
+from tests.bench import ROOT, run_bench
 
-ROOT = Path(__file__).resolve().parents[2]
 SMOKE_TIMEOUT_SECONDS = 180
 SCENARIOS = {
     "echo (first)",
@@ -40,16 +36,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     benchmarks = ROOT / "BENCHMARKS.md"
     before = benchmarks.read_bytes() if benchmarks.exists() else None
-    env = {name: value for name, value in os.environ.items() if not name.startswith("APIKEYS_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_SECONDS,
-        check=False,
-    )
+    done = run_bench("--smoke", "--json", str(out), timeout=SMOKE_TIMEOUT_SECONDS)
     after = benchmarks.read_bytes() if benchmarks.exists() else None
     result = json.loads(out.read_text()) if out.exists() else {}
     return {"done": done, "result": result, "benchmarks_unchanged": before == after}
