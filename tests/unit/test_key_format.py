@@ -1,6 +1,8 @@
 """Key format: generation, shape and checksum checks, digest and hint."""
 
 import hashlib
+import re
+import zlib
 
 import pytest
 from hypothesis import assume, given, settings
@@ -140,6 +142,39 @@ class TestWellFormed:
         key = AK.generate()
         assert AK.is_well_formed(key)
         assert not AK.is_well_formed(mangle(key))
+
+
+def _reference_is_well_formed(key: str) -> bool:
+    """The documented shape, spelled the slow way: a regex and the CRC decoded digit by digit."""
+    if not re.fullmatch(r"ak_[0-9A-Za-z]{38}", key):
+        return False
+    value = 0
+    for char in key[-CHECKSUM_LENGTH:]:
+        value = value * 62 + BASE62.index(char)
+    return value == zlib.crc32(key[:-CHECKSUM_LENGTH].encode("ascii"))
+
+
+class TestShapeMatchesTheDefinition:
+    @settings(max_examples=500)
+    @given(
+        position=st.integers(min_value=0, max_value=40),
+        replacement=st.sampled_from([*BASE62[:5], "_", "-", "é", "٣", "Ａ", "\x00", " ", "ß"]),
+    )
+    def test_any_one_character_change_is_judged_as_the_definition_does(
+        self, position: int, replacement: str
+    ) -> None:
+        """The fast check (alphabet by isascii/isalnum, checksum by digit pairs) answers what
+        the regex and a digit-by-digit decode answer, for keys and near-keys alike."""
+        key = SAMPLE_KEY[:position] + replacement + SAMPLE_KEY[position + 1 :]
+        assert AK.is_well_formed(key) is _reference_is_well_formed(key)
+
+    def test_generated_and_reencoded_keys_agree(self) -> None:
+        """Fresh keys, and fresh bodies with every possible last checksum digit."""
+        for _ in range(50):
+            key = AK.generate()
+            for char in BASE62:
+                near = key[:-1] + char
+                assert AK.is_well_formed(near) is _reference_is_well_formed(near)
 
 
 class TestDigest:
