@@ -77,14 +77,23 @@ class Verifier:
         self._head = key_format.head
         self._length = key_format.length
         self._callers: dict[bytes, tuple[VerifyRecord, Caller]] = {}
+        self._names = catalog.names
 
     def verify_as(
         self, caller_key: str | None, key: str, tenant_id: str, required_scopes: Sequence[str]
     ) -> VerifyResult:
         """Verify, for the caller whose own key is ``caller_key``: ``authenticate`` then
         ``verify``, with one clock read for both keys."""
-        caller, now = self._authenticate(caller_key)
-        return self.verify(caller, key, tenant_id, required_scopes, now)
+        record, now = self._admit(caller_key)
+        # A tenant key that holds apikeys:verify and names its own tenant: what Caller.require
+        # and resolve_tenant allow, decided without building a Caller.
+        if (
+            tenant_id == record.tenant_id
+            and reserved.VERIFY in record.scopes
+            and tenant_id != PLATFORM_TENANT
+        ):
+            return self.check(key, tenant_id, self._required(required_scopes), record.id, now)
+        return self.verify(self._caller(record), key, tenant_id, required_scopes, now)
 
     def verify(
         self,
@@ -96,23 +105,21 @@ class Verifier:
     ) -> VerifyResult:
         """Verify as asked by ``caller``: needs apikeys:verify and acts on the caller's tenants.
         ``now``: the time to judge the key at (default: the clock's, read after the lookup)."""
-        # What require() and resolve_tenant() decide, asked only when it is not plain: the
-        # caller holds the scope and names its own tenant (a tenant key).
-        if reserved.VERIFY not in caller.scopes:
-            caller.require(reserved.VERIFY)
-        if tenant_id == caller.tenant_id and tenant_id != PLATFORM_TENANT:
-            tenant = tenant_id
-        else:
-            tenant = caller.resolve_tenant(tenant_id)
+        caller.require(reserved.VERIFY)
+        tenant = caller.resolve_tenant(tenant_id)
+        return self.check(key, tenant, self._required(required_scopes), caller.key_id, now)
+
+    def _required(self, required_scopes: Sequence[str]) -> frozenset[str]:
+        """The scopes a Verify asks for, each of which must be in the catalog."""
         required = frozenset(required_scopes)
-        if not required <= self._catalog.names:
-            unknown = sorted(required - self._catalog.names)[0]
+        if not required <= self._names:
+            unknown = sorted(required - self._names)[0]
             raise InvalidArgument(
                 f"required scope {shown(unknown)} is not in the catalog; see ListScopes",
                 reason="SCOPE_NOT_IN_CATALOG",
                 field=f"required_scopes[{list(required_scopes).index(unknown)}]",
             )
-        return self.check(key, tenant, required, presenter=caller.key_id, now=now)
+        return required
 
     def check(
         self,
@@ -131,7 +138,7 @@ class Verifier:
             now = self._clock.now()
         result = evaluate(record, tenant_id, required, now)
         if record is not None:
-            if result.valid:
+            if result.code is VerifyCode.VALID:
                 self._usage.record(record.id, now)
             elif result.code in _DEAD and self._tripwire is not None:
                 # The tripwire: the answer is unchanged; the presentation is noted off the path.
@@ -140,10 +147,11 @@ class Verifier:
 
     def authenticate(self, key: str | None) -> Caller:
         """The caller of an RPC, from its own key; its scopes are checked by each operation."""
-        return self._authenticate(key)[0]
+        return self._caller(self._admit(key)[0])
 
-    def _authenticate(self, key: str | None) -> tuple[Caller, datetime]:
-        """The caller, and the clock's time read for it (after its lookup)."""
+    def _admit(self, key: str | None) -> tuple[VerifyRecord, datetime]:
+        """The record of an active caller key, its use recorded, and the clock's time read for
+        it (after its lookup); Unauthenticated for any other key."""
         if not key:
             raise Unauthenticated(
                 "missing x-api-key metadata: send a key of this service",
@@ -169,7 +177,7 @@ class Verifier:
                     f"x-api-key {record.id} is {state.value}", reason=f"CALLER_KEY_{state.name}"
                 )
         self._usage.record(record.id, now)
-        return self._caller(record), now
+        return record, now
 
     def _caller(self, record: VerifyRecord) -> Caller:
         """The Caller of a record, shared while the record is (kept by digest, checked by

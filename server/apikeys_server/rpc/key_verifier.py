@@ -34,8 +34,9 @@ class KeyVerifierServicer(key_verifier_pb2_grpc.KeyVerifierServicer):
     ) -> key_verifier_pb2.VerifyResponse:
         # Read before the lookup: every change up to it was evicted before it was published.
         position = self._feed.position
+        # required_scopes[:] is a list: slicing upb's container costs a third of iterating it.
         result = self._verifier.verify_as(
-            caller_key(context), request.key, request.tenant_id, request.required_scopes
+            caller_key(context), request.key, request.tenant_id, request.required_scopes[:]
         )
         response = convert.verify_response(result, position)
         if self._count is not None:

@@ -66,7 +66,7 @@ class _TtlLru(Generic[V]):
     holds its lock.
     """
 
-    __slots__ = ("_entries", "_read", "_timer", "_touch", "_ttl")
+    __slots__ = ("_entries", "_timer", "_ttl", "read", "touch")
 
     def __init__(self, maxsize: int, ttl: float, timer: Callable[[], float]) -> None:
         self._entries: _CountingLru[V] = _CountingLru(maxsize)
@@ -77,9 +77,9 @@ class _TtlLru(Generic[V]):
         # cached read, twice a Verify). Without those members: the public get, which marks
         # the entry as used itself. Values are never None.
         found = _internals(self._entries)
-        self._read: Callable[[bytes], V | None]
-        self._touch: Callable[[bytes], None]
-        self._read, self._touch = found if found is not None else (self._entries.get, _untouched)
+        self.read: Callable[[bytes], V | None]
+        self.touch: Callable[[bytes], None]
+        self.read, self.touch = found if found is not None else (self._entries.get, _untouched)
 
     @staticmethod
     def _expires(entry: V) -> float:
@@ -110,17 +110,6 @@ class _Records(_TtlLru[VerifyRecord]):
     def _expires(entry: VerifyRecord) -> float:
         return entry.cached_until
 
-    def get(self, key: bytes, now: float) -> VerifyRecord | Uncached:
-        """The live record, marked as just used; MISS when absent or expired."""
-        record = self._read(key)
-        if record is None:
-            return MISS
-        if now < record.cached_until:
-            self._touch(key)
-            return record
-        del self._entries[key]
-        return MISS
-
     def put(self, key: bytes, record: VerifyRecord) -> None:
         self._entries[key] = record.cached(self._timer() + self._ttl)
 
@@ -136,11 +125,11 @@ class _Absences(_TtlLru[float]):
 
     def holds(self, key: bytes, now: float) -> bool:
         """Whether a live entry says there is no such key (marked as just used)."""
-        expires = self._read(key)
+        expires = self.read(key)
         if expires is None:
             return False
         if now < expires:
-            self._touch(key)
+            self.touch(key)
             return True
         del self._entries[key]
         return False
@@ -217,16 +206,25 @@ class KeyCache:
         """``get`` without counting a miss (a hit counts): for a caller that has yet to decide
         whether the key deserves a lookup (``get`` counts the miss when it does)."""
         now = self._timer()
-        with self._lock:
+        # acquire/release rather than ``with``: half the cost, twice a Verify.
+        self._lock.acquire()
+        try:
             if now <= self._trusted_until:
-                if self._positive is not None:
-                    record = self._positive.get(digest, now)
-                    if record is not MISS:
-                        self.hits += 1
-                        return record
+                positive = self._positive
+                if positive is not None:
+                    # _Records.get, spelled out: one Python call less on every Verify's two reads.
+                    record = positive.read(digest)
+                    if record is not None:
+                        if now < record.cached_until:
+                            positive.touch(digest)
+                            self.hits += 1
+                            return record
+                        positive.pop(digest)
                 if self._negative is not None and self._negative.holds(digest, now):
                     self.negative_hits += 1
                     return None
+        finally:
+            self._lock.release()
         return MISS
 
     def put(self, digest: bytes, record: VerifyRecord | None, generation: int) -> None:
