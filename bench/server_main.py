@@ -1,5 +1,9 @@
 """A benchmark server process: ``python -m bench.server_main echo|echo-auth|verify``.
 
+``verify-echo-auth`` (a diagnostic, not in ``make bench``): the real server, as ``verify`` builds
+it, whose Verify handler is the authenticated echo's; against ``echo-auth`` it tells the cost of
+everything around the handler (registration, background threads) from the handler's own.
+
 Settings come from the APIKEYS_* environment, like ``apikeys-server serve``, with the port
 forced to a free one. Prints ``READY <port>`` once serving; stops when stdin closes, then
 prints ``HANDLER <ns> <calls>``: the CPU time its threads spent inside Verify handlers (and,
@@ -23,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from apikeys.v1 import key_verifier_pb2
 from apikeys_server import app
 from apikeys_server.app import create_server
 from apikeys_server.config import Settings
@@ -34,7 +39,7 @@ from bench.echo import AuthenticatedEchoVerifier, EchoVerifier, echo_server, sto
 # name -> (module, attribute path). Patched on the class or module the caller looks them up in.
 SEGMENTS: dict[str, tuple[str, str]] = {
     "caller_key": ("apikeys_server.rpc.key_verifier", "caller_key"),
-    "authenticate": ("apikeys_server.domain.verifier", "Verifier._authenticate"),
+    "authenticate": ("apikeys_server.domain.verifier", "Verifier._admit"),
     "verify": ("apikeys_server.domain.verifier", "Verifier.verify"),
     "verify_response": ("apikeys_server.rpc.convert", "verify_response"),
     "check": ("apikeys_server.domain.verifier", "Verifier.check"),
@@ -124,14 +129,25 @@ def main(argv: list[str]) -> int:
         server, port = echo_server(settings, servicer)
         server.start()
         stop = lambda: server.stop(0).wait()  # noqa: E731
-    elif mode == "verify":
+    elif mode in ("verify", "verify-echo-auth"):
+        if mode == "verify-echo-auth":
+            known = AuthenticatedEchoVerifier(stored_digests(settings.database_url))
+
+            def echoed(
+                _self: object, request: Any, context: grpc.ServicerContext
+            ) -> key_verifier_pb2.VerifyResponse:
+                return known.Verify(request, context)
+
+            KeyVerifierServicer.Verify = echoed  # type: ignore[method-assign]
         clock.wrap(KeyVerifierServicer, "Verify")
         app = create_server(settings)
         app.start()
         port = app.port
         stop = lambda: app.stop(0)  # noqa: E731
     else:
-        print(f"unknown mode {mode!r}: echo, echo-auth or verify", file=sys.stderr)
+        print(
+            f"unknown mode {mode!r}: echo, echo-auth, verify or verify-echo-auth", file=sys.stderr
+        )
         return 2
     # What `python -m bench --gc` asks of both servers alike (default: as `serve` runs).
     collector = os.environ.get("BENCH_GC", "serve")
