@@ -218,6 +218,18 @@ def _scenarios(options: Options, dbs: Databases) -> list[tuple[Scenario, str]]:
         ),
         (
             Scenario(
+                report.FLOOR,
+                "verify-floor",
+                hits,
+                workloads.valid(caller, small.keys, small.feed_position),
+                note="diagnostic: the same hits through bench/floor.py's inline hit path, "
+                "everything a hit must do in one function",
+                fixed_body=True,
+            ),
+            "SQLite",
+        ),
+        (
+            Scenario(
                 "malformed key",
                 "verify",
                 hits,

@@ -20,6 +20,8 @@ ECHO = "echo"
 # The authenticated echo (bench/echo.py): the ceiling the Verify targets are measured against.
 AUTH_ECHO = "echo-auth"
 CEILINGS = {ECHO: "echo", AUTH_ECHO: "authenticated echo"}
+# The diagnostic row: cache hits through bench/floor.py's inline hit path.
+FLOOR = "cache hit, inline floor"
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,17 @@ def targets(rows: list[Row], rss: dict[str, Any] | None) -> list[Target]:
             "throughput_ratio",
         ),
     ]
+    hit, floor = by.get("cache hit"), by.get(FLOOR)
+    if hit is not None and floor is not None and hit.cpu_us and floor.cpu_us:
+        found.append(
+            Target(
+                "cache hit against its inline floor (bench/floor.py): server CPU per call",
+                "— (diagnostic)",
+                f"{hit.cpu_us / floor.cpu_us:.3f} × floor; the floor itself "
+                f"{floor.auth_cpu_ratio or 0:.3f} × authenticated echo",
+                None,
+            )
+        )
     small, big = by.get("cache miss, SQLite"), by.get("cache miss, SQLite, 1 M keys")
     if small is not None and big is not None and small.throughput:
         ratio = big.throughput / small.throughput

@@ -3,6 +3,7 @@
 ``verify-echo-auth`` (a diagnostic, not in ``make bench``): the real server, as ``verify`` builds
 it, whose Verify handler is the authenticated echo's; against ``echo-auth`` it tells the cost of
 everything around the handler (registration, background threads) from the handler's own.
+``verify-floor`` (a diagnostic too): the real server with the inline hit path of bench/floor.py.
 
 Settings come from the APIKEYS_* environment, like ``apikeys-server serve``, with the port
 forced to a free one. Prints ``READY <port>`` once serving; stops when stdin closes, then
@@ -32,7 +33,7 @@ from apikeys_server import app
 from apikeys_server.app import create_server
 from apikeys_server.config import Settings
 from apikeys_server.rpc.key_verifier import KeyVerifierServicer
-from bench import echo
+from bench import echo, floor
 from bench.echo import AuthenticatedEchoVerifier, EchoVerifier, echo_server, stored_digests
 
 # Parts of the Verify path that ``python -m bench.segments`` can time inside the server:
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> int:
         server, port = echo_server(settings, servicer)
         server.start()
         stop = lambda: server.stop(0).wait()  # noqa: E731
-    elif mode in ("verify", "verify-echo-auth"):
+    elif mode in ("verify", "verify-echo-auth", "verify-floor"):
         if mode == "verify-echo-auth":
             known = AuthenticatedEchoVerifier(stored_digests(settings.database_url))
 
@@ -139,14 +140,18 @@ def main(argv: list[str]) -> int:
                 return known.Verify(request, context)
 
             KeyVerifierServicer.Verify = echoed  # type: ignore[method-assign]
+        bind_floor = floor.install() if mode == "verify-floor" else None
         clock.wrap(KeyVerifierServicer, "Verify")
         app = create_server(settings)
+        if bind_floor is not None:
+            bind_floor(app)
         app.start()
         port = app.port
         stop = lambda: app.stop(0)  # noqa: E731
     else:
         print(
-            f"unknown mode {mode!r}: echo, echo-auth, verify or verify-echo-auth", file=sys.stderr
+            f"unknown mode {mode!r}: echo, echo-auth, verify, verify-echo-auth or verify-floor",
+            file=sys.stderr,
         )
         return 2
     # What `python -m bench --gc` asks of both servers alike (default: as `serve` runs).
