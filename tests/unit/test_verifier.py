@@ -361,3 +361,64 @@ class TestDigestFirst:
         assert result.code is VerifyCode.VALID
         assert len(reads) == 1
         assert harness.usage.recorded == [(caller.id, START), (record.id, START)]
+
+
+def _outcome(
+    verifier: Verifier,
+    caller_secret: str,
+    secret: str,
+    tenant: str,
+    required: list[str],
+    *,
+    shortcut: bool,
+) -> tuple[str, object]:
+    """What a verify ended with: its code, key and missing scopes, or the error and reason.
+    ``shortcut``: through verify_as; else authenticate, then verify."""
+    try:
+        if shortcut:
+            result = verifier.verify_as(caller_secret, secret, tenant, required)
+        else:
+            caller = verifier.authenticate(caller_secret)
+            result = verifier.verify(caller, secret, tenant, required)
+    except (InvalidArgument, PermissionDenied, Unauthenticated) as error:
+        return type(error).__name__, error.reason
+    return "result", (result.code, result.key.id if result.key else None, result.missing_scopes)
+
+
+class TestVerifyAsMatchesAuthenticateThenVerify:
+    """verify_as decides the common case (a tenant key with apikeys:verify asking in its own
+    tenant) without building a Caller; every case must end as authenticate + verify do."""
+
+    @pytest.mark.parametrize("caller_tenant", ["acme", PLATFORM_TENANT])
+    @pytest.mark.parametrize("caller_scopes", [{scopes.VERIFY}, {"passes:read"}, set()])
+    @pytest.mark.parametrize("asked_tenant", ["acme", "", "globex", PLATFORM_TENANT])
+    @pytest.mark.parametrize("key_tenant", ["acme", "globex"])
+    @pytest.mark.parametrize(
+        "required", [[], ["passes:read"], ["passes:write"], ["no:such-scope"]], ids=repr
+    )
+    def test_same_outcome_and_same_uses_recorded(
+        self,
+        caller_tenant: str,
+        caller_scopes: set[str],
+        asked_tenant: str,
+        key_tenant: str,
+        required: list[str],
+    ) -> None:
+        outcomes, uses = [], []
+        for shortcut in (True, False):
+            harness = Harness()
+            caller_secret, _ = harness.key(caller_tenant, caller_scopes)
+            secret, _ = harness.key(key_tenant)
+            outcomes.append(
+                _outcome(
+                    harness.verifier,
+                    caller_secret,
+                    secret,
+                    asked_tenant,
+                    required,
+                    shortcut=shortcut,
+                )
+            )
+            uses.append([key_id for key_id, _ in harness.usage.recorded])
+        assert outcomes[0] == outcomes[1]
+        assert uses[0] == uses[1]
