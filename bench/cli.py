@@ -51,6 +51,8 @@ class Options:
     json_path: Path | None
     markdown_path: Path | None
     gc: str
+    # A tree holding an earlier revision's server/ and client/: twin rows served by its code.
+    before: Path | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         "--rss-only",
         action="store_true",
         help="only the memory figure (--rss-keys cached keys; about a minute); writes nothing",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="also serve the hit, malformed, negative-cache and SQLite-miss rows with the server "
+        "code of git revision REV, each right after its own: before/after from one run",
     )
     parser.add_argument("--json", type=Path, help="default: bench/results/latest.json")
     parser.add_argument("--markdown", type=Path, help="default: BENCHMARKS.md (never in smoke)")
@@ -281,11 +289,53 @@ def _scenarios(options: Options, dbs: Databases) -> list[tuple[Scenario, str]]:
             "the caller's key hits",
         )
         found.append((scenario, f"{kind}, {database.rows:,} keys"))
+    if options.before is not None:
+        found = _with_before(found, options.before)
     if not options.smoke:
         found += [(authenticated, "SQLite"), (echo, "—")]
     if options.gc != "serve":
         found = [(replace(s, env={**s.env, "BENCH_GC": options.gc}), db) for s, db in found]
     return found
+
+
+# The rows --before serves twice: with this tree's server code, then with the earlier one's.
+BEFORE_ROWS = ("cache hit", "malformed key", "unknown key (repeated)", "cache miss, SQLite")
+
+
+def _with_before(found: list[tuple[Scenario, str]], tree: Path) -> list[tuple[Scenario, str]]:
+    """Each of BEFORE_ROWS followed by its twin "(before)", whose server process imports
+    apikeys_server and the generated code from ``tree`` (its PYTHONPATH, ahead of this one's
+    editable install); the harness, load and database are this run's."""
+    path = os.pathsep.join(str(tree / part) for part in ("server", "client"))
+    twinned: list[tuple[Scenario, str]] = []
+    for scenario, database in found:
+        twinned.append((scenario, database))
+        if scenario.name in BEFORE_ROWS:
+            twin = replace(
+                scenario,
+                name=f"{scenario.name} (before)",
+                env={**scenario.env, "PYTHONPATH": path},
+                note=f"{scenario.note}; served by the earlier revision's code",
+            )
+            twinned.append((twin, database))
+    return twinned
+
+
+@contextmanager
+def _earlier_tree(revision: str | None) -> Iterator[Path | None]:
+    """server/ and client/ of ``revision`` (git archive) in a temporary directory."""
+    if revision is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="apikeys-before-") as temporary:
+        archive = subprocess.run(
+            ["git", "archive", revision, "server", "client"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", temporary], input=archive, check=True)
+        yield Path(temporary)
 
 
 def _run_round(options: Options, dbs: Databases, log_path: Path, number: int) -> list[Measurement]:
@@ -392,7 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.sched_setaffinity(0, {options.load.generator_core})
     started = time.monotonic()
     rounds: list[list[Measurement]] = []
-    with tempfile.TemporaryDirectory(prefix="apikeys-bench-") as temporary:
+    with (
+        _earlier_tree(args.before) as before,
+        tempfile.TemporaryDirectory(prefix="apikeys-bench-") as temporary,
+    ):
+        options = replace(options, before=before)
         directory = Path(temporary)
         log_path = directory / "servers.log"
         try:
