@@ -23,11 +23,14 @@ SCENARIOS = {
     "echo (first)",
     "authenticated echo (first)",
     "cache hit",
+    "cache hit, inline floor",
     "malformed key",
     "unknown key (repeated)",
     "unknown key (fresh each call)",
     "cache miss, SQLite",
 }
+# Served twice with --before (here HEAD: the mechanism, not a comparison).
+TWINNED = {"cache hit", "malformed key", "unknown key (repeated)", "cache miss, SQLite"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,9 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     benchmarks = ROOT / "BENCHMARKS.md"
     before = benchmarks.read_bytes() if benchmarks.exists() else None
-    done = run_bench("--smoke", "--json", str(out), timeout=SMOKE_TIMEOUT_SECONDS)
+    done = run_bench(
+        "--smoke", "--before", "HEAD", "--json", str(out), timeout=SMOKE_TIMEOUT_SECONDS
+    )
     after = benchmarks.read_bytes() if benchmarks.exists() else None
     result = json.loads(out.read_text()) if out.exists() else {}
     return {"done": done, "result": result, "benchmarks_unchanged": before == after}
@@ -51,9 +56,10 @@ class TestBenchSmoke:
         assert smoke["result"]["options"]["smoke"] is True
 
     def test_every_scenario_ran(self, smoke: dict[str, Any]) -> None:
-        """Both ceilings, cache hit and miss, malformed and unknown keys each completed calls."""
+        """Both ceilings, cache hit and miss, malformed and unknown keys each completed calls,
+        and the --before twins of the Verify rows too."""
         rows = {row["scenario"]: row for row in smoke["result"]["rows"]}
-        assert set(rows) == SCENARIOS
+        assert set(rows) == SCENARIOS | {f"{name} (before)" for name in TWINNED}
         for row in rows.values():
             assert row["throughput"] > 0
             assert row["calls_checked"] > 0
