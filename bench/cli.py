@@ -4,7 +4,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,6 @@ from bench import (
     faults,
     fixtures,
     overload,
-    proc,
     processes,
     propagation,
     report,
@@ -34,6 +32,7 @@ from bench.runner import (
     ServerProcess,
     find_h2load,
     measure,
+    pinned_load,
 )
 
 DEFAULT_POSTGRES = fixtures.DEFAULT_POSTGRES
@@ -108,22 +107,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> Options:
     smoke = bool(args.smoke)
-    usable = proc.cores()
-    pin = not args.no_pin and len(usable) >= 2 and shutil.which("taskset") is not None
     h2load = None if (smoke or args.no_h2load) else find_h2load()
 
     def pick(value: float | None, full: float, quick: float) -> float:
         return value if value is not None else (quick if smoke else full)
 
-    load = Load(
+    load = pinned_load(
         warmup=pick(args.warmup, 1.0, 0.1),
         seconds=pick(args.seconds, 3.0, 0.3),
         latency_seconds=pick(args.latency_seconds, 2.0, 0.2),
         connections=args.connections,
         depth=args.depth,
-        server_core=usable[0] if pin else None,
-        generator_core=usable[1] if pin else None,
         h2load=h2load,
+        pin=not args.no_pin,
     )
     working_set = int(pick(args.working_set, 1000, 50))
     big = int(pick(args.big, 1_000_000, 0))

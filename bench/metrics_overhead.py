@@ -8,7 +8,6 @@ per call (h2gen's reading of /proc for the server process) and the ratio on / of
 """
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -16,8 +15,8 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import fixtures, proc, workloads
-from bench.runner import Load, Scenario, measure
+from bench import fixtures, workloads
+from bench.runner import Scenario, measure, pinned_load
 
 
 def recording_cost(calls: int = 200_000) -> tuple[float, float]:
@@ -56,18 +55,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     observe, count = recording_cost()
     print(f"recording alone: observe {observe:.2f} µs + verify count {count:.2f} µs a call")
-    usable = proc.cores()
-    pin = not args.no_pin and len(usable) >= 2 and shutil.which("taskset") is not None
-    load = Load(
-        warmup=args.warmup,
-        seconds=args.seconds,
-        latency_seconds=0.0,
-        connections=4,
-        depth=16,
-        server_core=usable[0] if pin else None,
-        generator_core=usable[1] if pin else None,
-        h2load=None,
-    )
+    load = pinned_load(warmup=args.warmup, seconds=args.seconds, pin=not args.no_pin)
     results: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as directory:
         small = fixtures.prepare(fixtures.sqlite_url(Path(directory), "small.db"), args.working_set)

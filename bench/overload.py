@@ -20,7 +20,6 @@ generator's few connections are not what limits the calls in flight.
 """
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -31,8 +30,8 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from bench import fixtures, proc, sections, workloads
-from bench.runner import ROOT, Load, ServerProcess, run_h2gen, sample
+from bench import fixtures, sections, workloads
+from bench.runner import ROOT, Load, ServerProcess, pinned_load, run_h2gen, sample
 from bench.tcp_proxy import TcpProxy
 from bench.unfinished import UnfinishedStreams
 from bench.workloads import VERIFY_PATH, Call
@@ -231,17 +230,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-markdown", action="store_true")
     args = parser.parse_args(argv)
-    usable = proc.cores()
-    pin = not args.no_pin and len(usable) >= 2 and shutil.which("taskset") is not None
-    load = Load(
-        warmup=1.0,
-        seconds=args.seconds,
-        latency_seconds=args.seconds,
-        connections=4,
-        depth=16,
-        server_core=usable[0] if pin else None,
-        generator_core=usable[1] if pin else None,
-        h2load=None,
+    load = pinned_load(
+        warmup=1.0, seconds=args.seconds, latency_seconds=args.seconds, pin=not args.no_pin
     )
     with tempfile.TemporaryDirectory(prefix="apikeys-overload-") as temporary:
         try:

@@ -39,6 +39,32 @@ class Load:
     h2load: str | None  # path of h2load, for the cross-check; None: skip it
 
 
+def pinned_load(
+    *,
+    warmup: float,
+    seconds: float,
+    latency_seconds: float = 0.0,
+    connections: int = 4,
+    depth: int = 16,
+    h2load: str | None = None,
+    pin: bool = True,
+) -> Load:
+    """A Load with the server on the first usable core and the load generator on the second,
+    when ``pin`` and there are two cores and ``taskset``; unpinned otherwise."""
+    usable = proc.cores()
+    pinned = pin and len(usable) >= 2 and shutil.which("taskset") is not None
+    return Load(
+        warmup=warmup,
+        seconds=seconds,
+        latency_seconds=latency_seconds,
+        connections=connections,
+        depth=depth,
+        server_core=usable[0] if pinned else None,
+        generator_core=usable[1] if pinned else None,
+        h2load=h2load,
+    )
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str

@@ -17,8 +17,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import fixtures, proc, workloads
-from bench.runner import Load, ServerProcess, run_h2gen
+from bench import fixtures, workloads
+from bench.runner import Load, ServerProcess, pinned_load, run_h2gen
 from bench.workloads import Workload
 
 # Parts that do not nest go in the same run (bench.server_main.SEGMENTS names them):
@@ -81,18 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--working-set", type=int, default=1000)
     args = parser.parse_args(argv)
-    usable = proc.cores()
-    pin = len(usable) >= 2
-    load = Load(
-        warmup=1.0,
-        seconds=args.seconds,
-        latency_seconds=0.0,
-        connections=4,
-        depth=16,
-        server_core=usable[0] if pin else None,
-        generator_core=usable[1] if pin else None,
-        h2load=None,
-    )
+    load = pinned_load(warmup=1.0, seconds=args.seconds)
     if load.generator_core is not None:
         os.sched_setaffinity(0, {load.generator_core})
     with tempfile.TemporaryDirectory(prefix="apikeys-segments-") as temporary:

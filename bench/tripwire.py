@@ -10,7 +10,6 @@ side by side (issue 10: "Verify throughput unaffected within noise").
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -27,8 +26,17 @@ from apikeys_server.domain.records import EventAction
 from apikeys_server.storage.database import open_database
 from apikeys_server.storage.models import api_keys, key_events
 from apikeys_server.storage.repository import key_row
-from bench import fixtures, proc, sections, workloads
-from bench.runner import ROOT, Load, Measurement, Scenario, ServerProcess, measure, sample
+from bench import fixtures, sections, workloads
+from bench.runner import (
+    ROOT,
+    Load,
+    Measurement,
+    Scenario,
+    ServerProcess,
+    measure,
+    pinned_load,
+    sample,
+)
 
 WORKING_SET = 1000
 FLUSH_SECONDS = 1.0
@@ -175,17 +183,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-markdown", action="store_true")
     args = parser.parse_args(argv)
     command = "python -m bench tripwire" + (f" {' '.join(argv)}" if argv else "")
-    usable = proc.cores()
-    pin = not args.no_pin and len(usable) >= 2 and shutil.which("taskset") is not None
-    load = Load(
+    load = pinned_load(
         warmup=args.warmup,
         seconds=args.seconds,
-        latency_seconds=0.0,
         connections=args.connections,
         depth=args.depth,
-        server_core=usable[0] if pin else None,
-        generator_core=usable[1] if pin else None,
-        h2load=None,
+        pin=not args.no_pin,
     )
     cores = os.sched_getaffinity(0)
     if load.generator_core is not None:
@@ -201,7 +204,11 @@ def main(argv: Sequence[str]) -> int:
     print()
     print("\n".join(checks))
     if not args.no_markdown:
-        placement = "server and load generator pinned to one core each" if pin else "not pinned"
+        placement = (
+            "server and load generator pinned to one core each"
+            if load.server_core is not None
+            else "not pinned"
+        )
         body = (
             f"Command: `{command}` (about {time.monotonic() - started:.0f} s). Run "
             f"{sections.machine_line()}. One `bench.server_main verify` process ({placement}), "
