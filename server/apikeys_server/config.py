@@ -484,19 +484,6 @@ class ConsoleSettings:
             variable = CONSOLE_PREFIX + item.name.upper()
             raw = environ.get(variable)
             if raw:
-                values[item.name] = _console_value(item, raw, variable)
+                values[item.name] = parse(item, raw, variable)
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
-
-
-def _console_value(item: "Field[Any]", raw: str, variable: str) -> Any:
-    try:
-        if item.type in (bool, "bool"):
-            return BOOLEANS[raw.strip().lower()]
-        if item.type in (float, "float"):
-            return float(raw)
-    except (KeyError, ValueError):
-        raise ValueError(f"{variable}={raw!r} is not a valid value") from None
-    if item.type == Path | None or item.type == "Path | None":
-        return Path(raw)
-    return raw
