@@ -2,8 +2,12 @@
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class KeyState(enum.Enum):
@@ -158,3 +162,26 @@ class RequestRecord:
     fingerprint: str
     key_id: str
     create_time: datetime
+
+
+class PerRecord(Generic[T]):
+    """One value per VerifyRecord, made once and shared while the record is: kept by digest
+    and checked by identity (a changed key is a new record, whose value is made again), so a
+    cache hit allocates none. Bounded: starts over when ``limit`` records are held."""
+
+    __slots__ = ("_limit", "_made", "_make")
+
+    def __init__(self, make: Callable[[VerifyRecord], T], limit: int) -> None:
+        self._make = make
+        self._limit = limit
+        self._made: dict[bytes, tuple[VerifyRecord, T]] = {}
+
+    def of(self, record: VerifyRecord) -> T:
+        known = self._made.get(record.digest)
+        if known is not None and known[0] is record:
+            return known[1]
+        value = self._make(record)
+        if len(self._made) >= self._limit:
+            self._made.clear()
+        self._made[record.digest] = (record, value)
+        return value

@@ -4,7 +4,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from apikeys_server.domain.records import KeyState, VerifyRecord, key_state
+from apikeys_server.domain.records import KeyState, PerRecord, VerifyRecord, key_state
 
 
 class VerifyCode(enum.Enum):
@@ -57,19 +57,5 @@ def evaluate(
     return VerifyResult(VerifyCode.INSUFFICIENT_SCOPE, key, missing)
 
 
-def valid(key: VerifyRecord) -> VerifyResult:
-    """The VALID result of a key, one shared per record, so a cache hit allocates none: kept
-    by digest and checked by identity (a changed key is a new record). Bounded: starts over
-    when full."""
-    known = _VALID.get(key.digest)
-    if known is not None and known.key is key:
-        return known
-    result = VerifyResult(VerifyCode.VALID, key)
-    if len(_VALID) >= _VALID_MAX:
-        _VALID.clear()
-    _VALID[key.digest] = result
-    return result
-
-
-_VALID: dict[bytes, VerifyResult] = {}
-_VALID_MAX = 4096  # ~100 bytes each: the record is the cache's own
+# The VALID result of a key, one shared per record (~100 bytes each: the record is the cache's).
+valid = PerRecord(lambda key: VerifyResult(VerifyCode.VALID, key), limit=4096).of

@@ -25,7 +25,7 @@ from apikeys_server.domain.ports import (
     Uncached,
     UsageRecorder,
 )
-from apikeys_server.domain.records import KeyState, VerifyRecord, key_state
+from apikeys_server.domain.records import KeyState, PerRecord, VerifyRecord, key_state
 from apikeys_server.domain.scopes import ScopeCatalog
 from apikeys_server.domain.validation import PLATFORM_TENANT, shown
 from apikeys_server.domain.verification import (
@@ -46,7 +46,7 @@ class _Shape(enum.Enum):
 
 # What _find answers for a key that fails the shape check (it was not looked up).
 _MALFORMED: Final = _Shape.MALFORMED
-# Callers built from recent records, one shared per record (a Caller is immutable): bounded.
+# Callers kept, one per recent caller key.
 _CALLERS_MAX = 1024
 
 
@@ -76,7 +76,10 @@ class Verifier:
         )
         self._head = key_format.head
         self._length = key_format.length
-        self._callers: dict[bytes, tuple[VerifyRecord, Caller]] = {}
+        # The Caller of a record, one shared per record (a Caller is immutable).
+        self._caller = PerRecord(
+            lambda record: Caller(record.id, record.tenant_id, record.scopes), _CALLERS_MAX
+        ).of
         self._names = catalog.names
 
     def verify_as(
@@ -178,18 +181,6 @@ class Verifier:
                 )
         self._usage.record(record.id, now)
         return record, now
-
-    def _caller(self, record: VerifyRecord) -> Caller:
-        """The Caller of a record, shared while the record is (kept by digest, checked by
-        identity: a changed key is a new record)."""
-        known = self._callers.get(record.digest)
-        if known is not None and known[0] is record:
-            return known[1]
-        caller = Caller(record.id, record.tenant_id, record.scopes)
-        if len(self._callers) >= _CALLERS_MAX:
-            self._callers.clear()
-        self._callers[record.digest] = (record, caller)
-        return caller
 
     def _find(self, key: str) -> VerifyRecord | _Shape | None:
         """The key's record (None: no such key), or _MALFORMED for a key that fails the shape
