@@ -170,9 +170,29 @@ class TestStreams:
 # -- overload: a server whose one method sleeps, so queues form on demand -------------------
 
 
+# One entry per call the slow method has started running (appends are atomic).
+_STARTED: list[float] = []
+
+
 def _sleeper(request: bytes, context: grpc.ServicerContext) -> bytes:
+    _STARTED.append(time.monotonic())
     time.sleep(int(request.decode()) / 1000)
     return b"done"
+
+
+def _queued(pool: futures.ThreadPoolExecutor) -> int:
+    """Calls that reached the server and wait for its one thread."""
+    if isinstance(pool, dispatch.Dispatcher):
+        return pool.waiting
+    return pool._work_queue.qsize()  # gRPC's own pool queues each call as it arrives
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("the server did not get there in time")
+        time.sleep(0.005)
 
 
 @contextmanager
@@ -244,12 +264,14 @@ class TestOverload:
     ) -> None:
         """Calls take ~300 ms; with one running and one waiting, a call with a 100 ms deadline
         cannot be answered in time: refused at once, instead of DEADLINE_EXCEEDED later."""
-        with _slow_server(_pool(kind)) as channel, futures.ThreadPoolExecutor(3) as clients:
+        pool = _pool(kind)
+        with _slow_server(pool) as channel, futures.ThreadPoolExecutor(3) as clients:
             assert _call(channel, 300, 10.0)[0] == grpc.StatusCode.OK  # learns the call time
+            started = len(_STARTED)
             running = clients.submit(_call, channel, 300, 10.0)
-            time.sleep(0.05)
+            _wait_for(lambda: len(_STARTED) > started)  # it holds the one thread
             waiting = clients.submit(_call, channel, 300, 10.0)
-            time.sleep(0.05)
+            _wait_for(lambda: _queued(pool) == 1)
             code, _, took = _call(channel, 300, 0.1)
             assert running.result()[0] == waiting.result()[0] == grpc.StatusCode.OK
         if kind == "stock":
